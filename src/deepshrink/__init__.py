@@ -1,0 +1,21 @@
+"""deepshrink: make trained PyTorch models small and fast, and say honestly what it cost."""
+
+from deepshrink.checkpoint import load, read_metadata, save
+from deepshrink.errors import ConfigError, DataError, DeepShrinkError, FormatError, ModelError
+from deepshrink.models import create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DeepShrinkError",
+    "FormatError",
+    "ModelError",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load",
+    "read_metadata",
+    "save",
+]

@@ -1,0 +1,18 @@
+"""The `deepshrink` command. Each family registers its subcommands from its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from deepshrink.cli import core
+
+app = typer.Typer(help="deepshrink: make trained PyTorch models small and fast.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+# One line per family: module with a `register(app)` function.
+for _module in (core,):
+    _module.register(app)
+
+
+def main() -> None:
+    app()

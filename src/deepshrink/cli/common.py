@@ -1,0 +1,43 @@
+"""Shared CLI plumbing: one-line errors with a hint, and --json output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from deepshrink.errors import DeepShrinkError
+
+F = TypeVar("F", bound=Callable[..., Any])
+out = Console()
+err = Console(stderr=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn deepshrink (and common user) errors into one readable line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DeepShrinkError as exc:
+            err.print(f"[red]error:[/red] {exc.args[0]}", highlight=False)
+            if exc.hint:
+                err.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
+            raise typer.Exit(2) from None
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            err.print(f"[red]error:[/red] {exc.filename}: {exc.strerror}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,0 +1,126 @@
+"""Core commands: train, evaluate, info, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+
+from deepshrink.checkpoint import load, save
+from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, out
+from deepshrink.data import load_dataset
+from deepshrink.errors import ConfigError
+from deepshrink.measure import measure_model
+from deepshrink.models import create_model
+from deepshrink.train import TrainConfig, evaluate, train
+
+DATASET = typer.Option("digits", "--data", "-d",
+                       help="digits (embedded), fashion-mnist, mnist, or a directory of IDX files.")
+DATA_DIR = typer.Option(None, "--data-dir", help="Directory of IDX files (overrides auto-detection).")
+
+
+def _kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        val = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model-args is not valid JSON: {exc}") from exc
+    if not isinstance(val, dict):
+        raise ConfigError("--model-args must be a JSON object")
+    return val
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    @friendly_errors
+    def train_cmd(
+        model: str = typer.Option(..., "--model", "-m", help="Registry name or module:callable."),
+        output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.safetensors)."),
+        data: str = DATASET,
+        data_dir: Path | None = DATA_DIR,
+        model_args: str | None = typer.Option(None, help="JSON object of model arguments."),
+        config: Path | None = typer.Option(None, help="TrainConfig as JSON/YAML."),
+        epochs: int | None = typer.Option(None, help="Override config epochs."),
+        lr: float | None = typer.Option(None, help="Override config learning rate."),
+        seed: int = typer.Option(0),
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Train a model and save a rebuildable safetensors checkpoint."""
+        bundle = load_dataset(data, data_dir)
+        kwargs = {"in_size": bundle.in_size, "num_classes": bundle.num_classes}
+        kwargs.update(_kwargs(model_args))
+        cfg = TrainConfig.from_file(config) if config else TrainConfig()
+        overrides = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides, "seed": seed})
+        torch.manual_seed(seed)
+        net = create_model(model, **kwargs)
+        result = train(net, bundle, cfg)
+        test = evaluate(net, bundle.loader("test", 512))
+        save(net, output, extra={"dataset": bundle.name, "train": cfg.to_dict(), "test": test})
+        res = {"model": model, "output": str(output), "test": test, "history": result.history}
+        if as_json:
+            emit_json(res)
+        else:
+            out.print(f"test top-1 {100 * test['top1']:.2f}%  top-5 {100 * test['top5']:.2f}%  "
+                      f"-> {output}")
+
+    @app.command("evaluate")
+    @friendly_errors
+    def evaluate_cmd(
+        path: Path = typer.Argument(..., help="A model file written by deepshrink."),
+        data: str = DATASET,
+        data_dir: Path | None = DATA_DIR,
+        split: str = typer.Option("test", help="test (held out) or val."),
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Top-1/top-5 accuracy of a saved model on a held-out split."""
+        net = load(path)
+        bundle = load_dataset(data, data_dir)
+        res = evaluate(net, bundle.loader(split, 512))
+        if as_json:
+            emit_json({"path": str(path), "split": split, **res})
+        else:
+            out.print(f"{path}: {split} top-1 {100 * res['top1']:.2f}%  top-5 "
+                      f"{100 * res['top5']:.2f}%  (n={res['n']})")
+
+    @app.command("info")
+    @friendly_errors
+    def info_cmd(
+        path: Path = typer.Argument(..., help="A model file written by deepshrink."),
+        input_shape: str = typer.Option("1,28,28", help="Input shape without batch, for MACs."),
+        latency: bool = typer.Option(False, help="Also time batch 1 and 256."),
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Summary: parameters, MACs, bytes on disk, sparsity per layer."""
+        net = load(path)
+        try:
+            shape = tuple(int(s) for s in input_shape.split(","))
+        except ValueError as exc:
+            raise ConfigError(f"--input-shape must be comma-separated ints, got {input_shape!r}") from exc
+        rep = measure_model(net, torch.rand(1, *shape), name=path.name, file=path,
+                            latency_batches=(1, 256) if latency else ())
+        if as_json:
+            emit_json(rep.to_dict())
+        else:
+            rep.summary_table().print(out)
+            rep.layer_table().print(out)
+
+    @app.command("demo")
+    @friendly_errors
+    def demo_cmd(
+        output: Path = typer.Option(Path("demo-out"), "--output", "-o", help="Directory for files."),
+        quick: bool = typer.Option(False, help="Fewer epochs (for tests)."),
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Train on the embedded digits data and run the whole compression pipeline."""
+        from deepshrink.demo import run_demo
+
+        table = run_demo(output, quick=quick, progress=not as_json)
+        if as_json:
+            emit_json(table.to_dict())
+        else:
+            table.print(out)
+            err.print(f"files in {output}/, results in {output}/demo.json")

@@ -1,0 +1,115 @@
+"""Parameter counts, per-layer sparsity and MACs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclasses.dataclass
+class LayerStats:
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    params: int
+    nonzero: int
+    macs: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["sparsity"] = self.sparsity
+        return d
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor | None:
+    """The dense weight of a layer, also for compressed layers that expose ``dense_weight()``."""
+    if hasattr(module, "dense_weight"):
+        return module.dense_weight()  # type: ignore[operator]
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, non-zero) over all parameters, tied parameters counted once. Layers that hold
+    their weights in compressed form report the dense-equivalent through ``dense_weight()``."""
+    total = nonzero = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if hasattr(module, "dense_weight"):
+            w = module.dense_weight()  # type: ignore[operator]
+            total += w.numel()
+            nonzero += int(torch.count_nonzero(w))
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            nonzero += int(torch.count_nonzero(p.detach()))
+    return total, nonzero
+
+
+def layer_stats(model: nn.Module, macs: dict[str, int] | None = None) -> list[LayerStats]:
+    """One row per layer that owns a weight (Linear, Conv, norms, embeddings, compressed)."""
+    rows = []
+    for name, module in model.named_modules():
+        w = _weight_of(module)
+        if w is None or (list(module.children()) and not hasattr(module, "dense_weight")):
+            continue
+        rows.append(LayerStats(name or "(root)", type(module).__name__, tuple(w.shape),
+                               w.numel(), int(torch.count_nonzero(w.detach())),
+                               (macs or {}).get(name, 0)))
+    return rows
+
+
+def count_macs(model: nn.Module, example: torch.Tensor | tuple[Any, ...]) -> tuple[int, dict[str, int]]:
+    """Multiply-accumulates of one forward pass on ``example`` (whatever its batch size).
+
+    Matrix products (Linear, Conv, attention's batched matmuls and fused attention) are counted at
+    the operator level with torch's FlopCounterMode (FLOPs / 2), so functional matmuls inside
+    attention are included. Normalisation layers add one MAC per output element (the folded
+    scale-and-shift). Returns (total, per-module-name MACs).
+    """
+    args = example if isinstance(example, tuple) else (example,)
+    per_module: dict[str, int] = {}
+    norm_macs: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, _NORMS):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: norm_macs.__setitem__(
+                    name, norm_macs.get(name, 0) + out.numel())))
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    flops_by_module = counter.get_flop_counts()
+    names = {type(model).__name__: ""}
+    # FlopCounterMode names modules by their path under the root class name ("Sequential.1").
+    root = type(model).__name__
+    for key, ops in flops_by_module.items():
+        if key == "Global":
+            continue
+        path = key[len(root) + 1:] if key.startswith(root + ".") else names.get(key, key)
+        per_module[path] = sum(int(v) for v in ops.values()) // 2
+    total = int(sum(flops_by_module.get("Global", {}).values())) // 2
+    for name, n in norm_macs.items():
+        per_module[name] = per_module.get(name, 0) + n
+        total += n
+    return total, per_module

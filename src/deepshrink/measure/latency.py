@@ -1,0 +1,70 @@
+"""Latency: warm-up, repeated timing, median and spread, with the thread count recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass
+class Latency:
+    batch: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    stdev_ms: float
+    repeats: int
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _timed_runs(fn: Callable[[], Any], warmup: int, repeats: int, min_time_s: float) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_time_s and len(times) < 10 * repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure_latency(model: torch.nn.Module | Callable[[torch.Tensor], Any], example: torch.Tensor,
+                    *, warmup: int = 5, repeats: int = 30, min_time_s: float = 0.2) -> Latency:
+    """Time ``model(example)`` under inference mode. Works for nn.Modules and any callable
+    (an ONNX Runtime session wrapper, say), so compressed and baseline models are timed alike."""
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(example)
+
+    times = _timed_runs(run, warmup, repeats, min_time_s)
+    qs = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Latency(batch=int(example.shape[0]), median_ms=statistics.median(times),
+                   p10_ms=qs[0], p90_ms=qs[-1], mean_ms=statistics.fmean(times),
+                   stdev_ms=statistics.pstdev(times), repeats=len(times),
+                   threads=torch.get_num_threads())
+
+
+def compare_latency(models: dict[str, Any], example: torch.Tensor, rounds: int = 3,
+                    **kw: Any) -> dict[str, Latency]:
+    """Time several models in one run, interleaved round by round so that drift in machine load
+    hits all of them alike; each model's result is the round with the lowest median."""
+    best: dict[str, Latency] = {}
+    for _ in range(rounds):
+        for name, m in models.items():
+            lat = measure_latency(m, example, **kw)
+            if name not in best or lat.median_ms < best[name].median_ms:
+                best[name] = lat
+    return best

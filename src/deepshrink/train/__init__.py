@@ -1,0 +1,15 @@
+"""The shared training / evaluation loop."""
+
+from deepshrink.train.loop import (
+    Callback,
+    TrainConfig,
+    TrainResult,
+    TrainState,
+    evaluate,
+    logits_of,
+    seed_everything,
+    train,
+)
+
+__all__ = ["Callback", "TrainConfig", "TrainResult", "TrainState", "evaluate", "logits_of",
+           "seed_everything", "train"]
