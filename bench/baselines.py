@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_results  # noqa: E402
-
-from deepshrink import save  # noqa: E402
-from deepshrink.data import load_digits, load_fashion_mnist  # noqa: E402
-from deepshrink.measure import compare_latency, count_macs, count_params, file_bytes  # noqa: E402
-from deepshrink.models import create_model  # noqa: E402
-from deepshrink.train import TrainConfig, evaluate, train  # noqa: E402
+from _common import RESULTS, write_results
+from deepshrink import save
+from deepshrink.data import load_digits, load_fashion_mnist
+from deepshrink.measure import compare_latency, count_macs, count_params, file_bytes
+from deepshrink.models import create_model
+from deepshrink.train import TrainConfig, evaluate, train
 
 RUNS = {
     # name: (model, dataset, config, checkpoint file or None, accuracy floor)

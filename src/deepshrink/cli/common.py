@@ -14,7 +14,8 @@ from rich.console import Console
 from deepshrink.errors import DeepShrinkError
 
 F = TypeVar("F", bound=Callable[..., Any])
-out = Console()
+# Wide enough for the results tables when stdout is a pipe or file (rich defaults to 80 there).
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object instead of tables.")

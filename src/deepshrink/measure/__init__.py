@@ -6,8 +6,8 @@ from deepshrink.measure.report import ModelReport, ResultTable, measure_model
 from deepshrink.measure.size import file_bytes, fp32_safetensors_bytes
 
 __all__ = [
-    "LayerStats",
     "Latency",
+    "LayerStats",
     "ModelReport",
     "ResultTable",
     "compare_latency",

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
-from deepshrink.progress import make_progress
+from deepshrink.progress import console, make_progress
 
 # loss_fn(outputs, targets, batch) -> loss tensor, or a dict with "loss" and named parts to log.
 LossFn = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], Any]
@@ -250,6 +250,10 @@ def train(model: nn.Module, data: DataBundle | DataLoader, config: TrainConfig |
                 if cfg.keep_best and (best is None or ev["top1"] > best[0]):
                     best = (ev["top1"], copy.deepcopy(model.state_dict()))
             state.history.append(metrics)
+            if cfg.progress and not bar.live.is_started:
+                # No live bar (not a terminal): one line per epoch so long runs show progress.
+                console.print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in metrics.items()), highlight=False)
             for cb in cbs:
                 cb.on_epoch_end(state, metrics)
             if state.stop or state.step >= total:
