@@ -70,7 +70,7 @@ def _resolve(name: str) -> ModelFactory:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {exc}")
+            raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {exc}") from exc
         fn = module
         for part in attr.split("."):
             fn = getattr(fn, part, None)
