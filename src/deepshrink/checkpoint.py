@@ -58,8 +58,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The deepshrink metadata of a safetensors checkpoint (validated, never unpickled)."""
     path = Path(path)
     _check_safetensors_header(path)
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(META_KEY)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as exc:  # safetensors raises its own (non-OSError) error types
+        raise FormatError(f"{path}: not a valid safetensors file: {exc}") from exc
     if raw is None:
         return {"format": "safetensors", "spec": None, "extra": {}}
     try:

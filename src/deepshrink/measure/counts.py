@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -30,6 +31,21 @@ class LayerStats:
         d["shape"] = list(self.shape)
         d["sparsity"] = self.sparsity
         return d
+
+
+def _register_cpu_attention() -> None:
+    # torch's counter knows the CUDA fused-attention kernels but not the CPU one that
+    # scaled_dot_product_attention dispatches to here; without this, attention counts as 0.
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_attention()
 
 
 def _weight_of(module: nn.Module) -> torch.Tensor | None:
