@@ -83,3 +83,13 @@ def test_evaluate_accepts_any_callable(digits):
     a = evaluate(m, loader)
     b = evaluate(lambda x: m(x).detach(), loader)
     assert a == b
+
+
+def test_checkpoint_each_epoch_rebuilds_model(digits, tmp_path):
+    path = tmp_path / "ck.safetensors"
+    m = ds.create_model("mlp", in_size=8, hidden=16)
+    train(m, digits, TrainConfig(epochs=2, progress=False, checkpoint=str(path)))
+    meta = ds.read_metadata(path)
+    assert meta["extra"]["epoch"] == 2 and meta["spec"]["name"] == "mlp"
+    x = digits.test.tensors[0][:5]
+    assert torch.equal(ds.load(path)(x), m(x))

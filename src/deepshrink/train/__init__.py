@@ -2,6 +2,7 @@
 
 from deepshrink.train.loop import (
     Callback,
+    CheckpointCallback,
     TrainConfig,
     TrainResult,
     TrainState,
@@ -11,5 +12,5 @@ from deepshrink.train.loop import (
     train,
 )
 
-__all__ = ["Callback", "TrainConfig", "TrainResult", "TrainState", "evaluate", "logits_of",
+__all__ = ["Callback", "CheckpointCallback", "TrainConfig", "TrainResult", "TrainState", "evaluate", "logits_of",
            "seed_everything", "train"]

@@ -44,6 +44,7 @@ class TrainConfig(Config):
     seed: int = 0
     max_steps: int | None = None  # stop early after this many optimizer steps (quick runs)
     keep_best: bool = False  # restore the weights with the best validation accuracy at the end
+    checkpoint: str | None = None  # safetensors path written after each epoch (best val if keep_best)
     progress: bool = True
 
     def validate(self) -> None:
@@ -96,6 +97,24 @@ class Callback:
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
     def on_train_end(self, state: TrainState) -> None: ...
+
+
+class CheckpointCallback(Callback):
+    """Save the model (atomically, with its architecture spec) after every epoch, or only when
+    validation accuracy improves when ``best_only``."""
+
+    def __init__(self, path: str, best_only: bool = False) -> None:
+        self.path, self.best_only, self.best = path, best_only, -1.0
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        from deepshrink.checkpoint import save
+
+        score = metrics.get("val_top1", -1.0)
+        if self.best_only and score <= self.best:
+            return
+        self.best = max(self.best, score)
+        save(state.model, self.path, extra={"epoch": metrics["epoch"], "metrics": metrics,
+                                            "train": state.config.to_dict()})
 
 
 @dataclasses.dataclass
@@ -180,6 +199,8 @@ def train(model: nn.Module, data: DataBundle | DataLoader, config: TrainConfig |
     """
     cfg = config or TrainConfig()
     cbs = list(callbacks)
+    if cfg.checkpoint:
+        cbs.append(CheckpointCallback(cfg.checkpoint, best_only=cfg.keep_best))
     seed_everything(cfg.seed)
     if isinstance(data, DataBundle):
         loader = data.loader("train", cfg.batch_size, seed=cfg.seed)
