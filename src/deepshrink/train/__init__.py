@@ -12,5 +12,5 @@ from deepshrink.train.loop import (
     train,
 )
 
-__all__ = ["Callback", "CheckpointCallback", "TrainConfig", "TrainResult", "TrainState", "evaluate", "logits_of",
-           "seed_everything", "train"]
+__all__ = ["Callback", "CheckpointCallback", "TrainConfig", "TrainResult", "TrainState", "evaluate",
+           "logits_of", "seed_everything", "train"]
