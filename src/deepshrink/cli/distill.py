@@ -1,0 +1,123 @@
+"""`deepshrink distill`: train a student on the soft targets of one or more teacher files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+
+from deepshrink.checkpoint import load, save
+from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out
+from deepshrink.config import Config
+from deepshrink.data import load_dataset
+from deepshrink.errors import ConfigError
+from deepshrink.train import TrainConfig, evaluate
+
+
+def _parse_hints(items: list[str]) -> dict[str, str]:
+    hints = {}
+    for item in items:
+        s, sep, t = item.partition("=")
+        if not sep or not s or not t:
+            raise ConfigError(f"--hint must be STUDENT_MODULE=TEACHER_MODULE, got {item!r}")
+        hints[s] = t
+    return hints
+
+
+def _json_object(text: str | None, option: str) -> dict:
+    if not text:
+        return {}
+    try:
+        val = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not valid JSON: {exc}") from exc
+    if not isinstance(val, dict):
+        raise ConfigError(f"{option} must be a JSON object")
+    return val
+
+
+def _override(cfg: Config, **values: object) -> Config:
+    """A copy of ``cfg`` with the given non-None values (validated by the config class)."""
+    return type(cfg).from_dict({**cfg.to_dict(), **{k: v for k, v in values.items() if v is not None}})
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("distill")
+    @friendly_errors
+    def distill_cmd(
+        teacher: list[Path] = typer.Option(..., "--teacher", "-t",
+                                           help="Teacher model file; repeat for an ensemble."),
+        student: str = typer.Option(..., "--student", "-s",
+                                    help="A model file (e.g. a pruned model) or a registry name."),
+        output: Path = typer.Option(..., "--output", "-o", help="Student checkpoint to write."),
+        data: str = typer.Option("digits", "--data", "-d",
+                                 help="digits (embedded), fashion-mnist, mnist, or an IDX directory."),
+        data_dir: Path | None = typer.Option(None, "--data-dir", help="Directory of IDX files."),
+        student_args: str | None = typer.Option(None, help="JSON object of model arguments "
+                                                "(registry name only), e.g. '{\"hidden\": 30}'."),
+        temperature: float | None = typer.Option(None, "--temperature", "-T", help="Softmax temperature."),
+        alpha: float | None = typer.Option(None, help="Weight of the soft term: 1 = soft only, "
+                                           "0 = labels only."),
+        combine: str | None = typer.Option(None, help="Ensemble average: logits or probs."),
+        weights: str | None = typer.Option(None, help="Ensemble weights, comma-separated."),
+        hint: list[str] = typer.Option([], help="STUDENT_MODULE=TEACHER_MODULE feature hint; repeatable."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Run the teacher on every batch."),
+        config: Path | None = typer.Option(None, help="KDConfig as JSON/YAML (options override it)."),
+        train_config: Path | None = typer.Option(None, help="TrainConfig as JSON/YAML."),
+        epochs: int | None = typer.Option(None, help="Override the training epochs."),
+        lr: float | None = typer.Option(None, help="Override the learning rate."),
+        seed: int = typer.Option(0),
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Distil one teacher or an ensemble into a student; report teacher and student accuracy."""
+        from deepshrink.distill import KDConfig, Teacher, distill
+        from deepshrink.models import create_model
+
+        inputs = [*teacher, *([Path(student)] if Path(student).is_file() else [])]
+        if any(output.exists() and output.resolve() == p.resolve() for p in inputs):
+            raise ConfigError(f"--output {output} is one of the input model files",
+                              hint="choose another output path")
+        bundle = load_dataset(data, data_dir)
+        try:
+            w = tuple(float(v) for v in weights.split(",")) if weights else None
+        except ValueError as exc:
+            raise ConfigError(f"--weights must be comma-separated numbers, got {weights!r}") from exc
+        kd = KDConfig.from_file(config) if config else KDConfig()
+        kd = _override(kd, temperature=temperature, alpha=alpha, combine=combine, weights=w,
+                       cache=False if no_cache else None, hints=_parse_hints(hint) or None)
+        tc = TrainConfig.from_file(train_config) if train_config else TrainConfig()
+        tc = _override(tc, epochs=epochs, lr=lr, seed=seed)
+        teachers = [load(p) for p in teacher]
+        torch.manual_seed(seed)
+        if Path(student).is_file():
+            if student_args:
+                raise ConfigError("--student-args applies to a registry name, not to a model file")
+            net = load(student)
+        else:
+            kwargs = {"in_size": bundle.in_size, "num_classes": bundle.num_classes}
+            kwargs.update(_json_object(student_args, "--student-args"))
+            net = create_model(student, **kwargs)
+        test_loader = bundle.loader("test", 512)
+        before = evaluate(net, test_loader)["top1"]
+        teacher_acc = {str(p): evaluate(t, test_loader)["top1"]
+                       for p, t in zip(teacher, teachers, strict=True)}
+        ens = Teacher(teachers)
+        if len(teachers) > 1:
+            from deepshrink.distill import teacher_log_probs
+
+            teacher_acc["ensemble"] = evaluate(
+                lambda x: teacher_log_probs(ens(x), 1.0, kd.combine, kd.weights), test_loader)["top1"]
+        distill(net, ens, bundle, kd, train_config=tc)
+        test = evaluate(net, test_loader)
+        save(net, output, extra={"dataset": bundle.name, "distill": kd.to_dict(), "train": tc.to_dict(),
+                                 "teachers": [str(p) for p in teacher], "test": test})
+        res = {"output": str(output), "teacher_test_top1": teacher_acc, "student_before_top1": before,
+               "student_test": test, "kd_config": kd.to_dict()}
+        if as_json:
+            emit_json(res)
+        else:
+            for name, acc in teacher_acc.items():
+                out.print(f"teacher {name}: test top-1 {100 * acc:.2f}%")
+            out.print(f"student: test top-1 {100 * before:.2f}% -> {100 * test['top1']:.2f}%  -> {output}")
