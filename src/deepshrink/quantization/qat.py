@@ -1,0 +1,106 @@
+"""Quantization-aware training: ``prepare_qat(model, QATConfig(...))``, train with
+:func:`deepshrink.train.train` as usual, then ``convert(model)`` to the same deployable
+:class:`QuantizedLayer` form PTQ produces (saved, exported and run the same way).
+
+Weights are fake-quantized with a straight-through estimator; activations (when ``act_bits``
+is set) with a moving-average range, or — with ``lsq=True`` — weights and activations use a
+learned step size (LSQ) initialised from the range estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from deepshrink.config import Config, check
+from deepshrink.models import record_edit
+from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
+from deepshrink.quantization.modules import ActFakeQuant, FakeQuantLayer, QuantizedLayer, WeightFakeQuant
+from deepshrink.quantization.observers import RANGE_METHODS
+from deepshrink.quantization.ptq import (
+    bits_for,
+    calibration_batches,
+    quantizable_layers,
+    run_model,
+    set_module,
+)
+
+
+@dataclasses.dataclass
+class QATConfig(Config):
+    bits: int = 4  # weight bits (1 = binary; 2 with symmetric = ternary)
+    act_bits: int | None = 8  # None: weight-only QAT (converts to weight-only)
+    symmetric: bool = True
+    granularity: str = "channel"  # tensor | channel | group
+    group_size: int = 64
+    lsq: bool = False  # learned step size for weights and activations
+    weight_range: str = "mse"  # initial clipping: minmax | percentile | mse
+    momentum: float = 0.1  # activation moving-average range
+    layer_bits: dict[str, int] = dataclasses.field(default_factory=dict)  # name pattern -> bits
+    skip: tuple[str, ...] = ()
+    calib_batches: int = 4
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        validate_bits(n, "bits", self.bits)
+        if self.act_bits is not None:
+            validate_bits(n, "act_bits", self.act_bits)
+        check(self.granularity in GRANULARITIES, n, "granularity",
+              f"must be one of {GRANULARITIES}, got {self.granularity!r}")
+        check(self.group_size >= 1, n, "group_size", f"must be >= 1, got {self.group_size}")
+        check(self.weight_range in RANGE_METHODS, n, "weight_range",
+              f"must be one of {RANGE_METHODS}, got {self.weight_range!r}")
+        check(0.0 < self.momentum <= 1.0, n, "momentum", f"must be in (0, 1], got {self.momentum}")
+        for pat, b in self.layer_bits.items():
+            validate_bits(n, f"layer_bits[{pat!r}]", b)
+
+
+def prepare_qat(model: nn.Module, config: QATConfig | None = None, calibration_data: Any = None
+                ) -> nn.Module:
+    """Wrap every quantizable layer with fake quantizers, **in place**; return the model.
+
+    ``calibration_data`` initialises activation ranges (required with ``lsq`` and ``act_bits``,
+    whose learned scales must exist before the optimizer is built)."""
+    cfg = config or QATConfig()
+    acts: list[ActFakeQuant] = []
+    for name, layer in quantizable_layers(model, cfg.skip):
+        spec = QuantSpec(bits=bits_for(name, cfg.bits, cfg.layer_bits), symmetric=cfg.symmetric,
+                         granularity=cfg.granularity, group_size=cfg.group_size)
+        wq = WeightFakeQuant(spec, cfg.weight_range, cfg.lsq)
+        wq.init_from(layer.weight)
+        a_in = a_out = None
+        if cfg.act_bits is not None:
+            a_in = ActFakeQuant(cfg.act_bits, "moving_average", cfg.lsq, momentum=cfg.momentum)
+            if not isinstance(layer, nn.Linear):
+                a_out = ActFakeQuant(cfg.act_bits, "moving_average", cfg.lsq, momentum=cfg.momentum)
+            acts += [a for a in (a_in, a_out) if a is not None]
+        set_module(model, name, FakeQuantLayer(layer, wq, a_in, a_out))
+    if acts and (calibration_data is not None or cfg.lsq):
+        batches = calibration_batches(calibration_data, cfg.calib_batches)
+        for a in acts:
+            a.observing = True
+        was_training = model.training
+        model.eval()
+        for x in batches:
+            run_model(model, x)
+        model.train(was_training)
+        for a in acts:
+            a.observing = False
+            a.freeze()
+    return model
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace fake-quant layers by deployable :class:`QuantizedLayer` s, **in place**."""
+    metas: dict[str, Any] = {}
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLayer)]:
+        mode = "static" if m.input_q is not None else "weight-only"
+        q = QuantizedLayer.from_float(m.layer, m.weight_q.spec, mode, act=m.input_q, out=m.output_q,
+                                      weight_q=m.weight_q)
+        set_module(model, name, q)
+        metas[name] = q.meta
+    model.eval()
+    record_edit(model, {"kind": "quantize", "layers": metas})
+    return model
