@@ -71,3 +71,15 @@ def test_atomic_write_keeps_old_file_on_failure_and_protects_inputs(tmp_path):
     with pytest.raises(DeepShrinkError, match="refusing to overwrite the input"), \
             atomic_path(target, protect=(target,)):
         pass
+
+
+def test_atomic_output_gets_normal_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "o.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "o.bin").stat().st_mode & 0o777 == 0o644
