@@ -20,6 +20,7 @@ from torch import nn
 from deepshrink.errors import FormatError, ModelError
 from deepshrink.fileio import atomic_path
 from deepshrink.models import ModelSpec, build_from_spec, get_spec
+from deepshrink.models.registry import require_safe_spec
 
 META_KEY = "deepshrink"
 FORMAT_VERSION = 1
@@ -92,7 +93,9 @@ def load_safetensors(path: Path, model: nn.Module | None = None) -> nn.Module:
             raise ModelError(
                 f"{path} has no architecture spec", hint="pass model=... to load weights into it"
             )
-        model = build_from_spec(ModelSpec.from_dict(meta["spec"]))
+        spec = ModelSpec.from_dict(meta["spec"])
+        require_safe_spec(spec, str(path))
+        model = build_from_spec(spec)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as exc:  # safetensors raises its own error types for bad files

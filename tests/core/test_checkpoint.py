@@ -83,3 +83,21 @@ def test_atomic_output_gets_normal_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "o.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_load_refuses_to_import_code_named_by_a_file(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    m = nn.Sequential(nn.Linear(3, 2))
+    meta = {"format": "deepshrink-checkpoint", "version": 1, "extra": {},
+            "spec": {"name": "some_untrusted_module_xyz:build", "kwargs": {}, "edits": []}}
+    p = tmp_path / "evil.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(p),
+              metadata={"deepshrink": json.dumps(meta)})
+    with pytest.raises(ModelError, match="not imported"):
+        ds.load(p)
+    # a module the program imported itself is fine
+    m2 = ds.create_model("deepshrink.models.reference:mlp", in_size=4)
+    assert ds.load(ds.save(m2, tmp_path / "ok.safetensors"))(torch.rand(1, 1, 4, 4)).shape == (1, 10)

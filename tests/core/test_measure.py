@@ -84,3 +84,15 @@ def test_report_renders_table_and_json():
     t = rep.layer_table()
     assert [r["layer"] for r in t.rows] == ["2", "4", "6"]
     assert json.loads(t.to_json())["rows"][0]["params"] == 64 * 300
+
+
+def test_modules_can_report_macs_the_counter_cannot_see():
+    class Sparse(nn.Module):
+        def forward(self, x):
+            return x[:, :3] * 2  # elementwise: invisible to the FLOP counter
+
+        def count_macs(self, output):
+            return 7 * output.shape[0]
+
+    total, per = count_macs(nn.Sequential(nn.Linear(5, 4), Sparse()), torch.rand(2, 5))
+    assert per["1"] == 14 and total == 2 * 5 * 4 + 14

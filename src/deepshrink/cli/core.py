@@ -102,23 +102,32 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--input-shape must be comma-separated ints, got {input_shape!r}") from exc
         rep = measure_model(net, torch.rand(1, *shape), name=path.name, file=path,
                             latency_batches=(1, 256) if latency else ())
+        from deepshrink.dsz import dsz_info, is_dsz  # .dsz files also show their sections
+
+        with path.open("rb") as f:
+            dsz = dsz_info(path) if is_dsz(f.read(8)) else None
         if as_json:
-            emit_json(rep.to_dict())
+            emit_json({**rep.to_dict(), **({"dsz": dsz} if dsz else {})})
         else:
             rep.summary_table().print(out)
             rep.layer_table().print(out)
+            if dsz:
+                from deepshrink.cli.compress import print_dsz_info
+
+                print_dsz_info(dsz)
 
     @app.command("demo")
     @friendly_errors
     def demo_cmd(
         output: Path = typer.Option(Path("demo-out"), "--output", "-o", help="Directory for files."),
         quick: bool = typer.Option(False, help="Fewer epochs (for tests)."),
+        threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Train on the embedded digits data and run the whole compression pipeline."""
         from deepshrink.demo import run_demo
 
-        table = run_demo(output, quick=quick, progress=not as_json)
+        table = run_demo(output, quick=quick, progress=not as_json, threads=threads)
         if as_json:
             emit_json(table.to_dict())
         else:

@@ -94,17 +94,22 @@ def count_macs(model: nn.Module, example: torch.Tensor | tuple[Any, ...]) -> tup
     Matrix products (Linear, Conv, attention's batched matmuls and fused attention) are counted at
     the operator level with torch's FlopCounterMode (FLOPs / 2), so functional matmuls inside
     attention are included. Normalisation layers add one MAC per output element (the folded
-    scale-and-shift). Returns (total, per-module-name MACs).
+    scale-and-shift). Modules whose kernels the counter cannot see (sparse matmuls) report their
+    own work through a ``count_macs(output) -> int`` method. Returns (total, per-module-name MACs).
     """
     args = example if isinstance(example, tuple) else (example,)
     per_module: dict[str, int] = {}
-    norm_macs: dict[str, int] = {}
+    hooked_macs: dict[str, int] = {}
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, _NORMS):
+        if callable(getattr(m, "count_macs", None)):
             hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, name=name: norm_macs.__setitem__(
-                    name, norm_macs.get(name, 0) + out.numel())))
+                lambda mod, inp, out, name=name: hooked_macs.__setitem__(
+                    name, hooked_macs.get(name, 0) + int(mod.count_macs(out)))))
+        elif isinstance(m, _NORMS):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: hooked_macs.__setitem__(
+                    name, hooked_macs.get(name, 0) + out.numel())))
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
@@ -125,7 +130,7 @@ def count_macs(model: nn.Module, example: torch.Tensor | tuple[Any, ...]) -> tup
         path = key[len(root) + 1:] if key.startswith(root + ".") else names.get(key, key)
         per_module[path] = sum(int(v) for v in ops.values()) // 2
     total = int(sum(flops_by_module.get("Global", {}).values())) // 2
-    for name, n in norm_macs.items():
+    for name, n in hooked_macs.items():
         per_module[name] = per_module.get(name, 0) + n
         total += n
     return total, per_module

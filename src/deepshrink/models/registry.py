@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -121,6 +122,19 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise ModelError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
     set_spec(model, ModelSpec(name, dict(kwargs)))
     return model
+
+
+def require_safe_spec(spec: ModelSpec, source: str) -> None:
+    """Refuse a spec read from a file that would import code the user has not imported.
+
+    A ``module:callable`` name makes :func:`create_model` import that module and call into it;
+    from an untrusted file that is arbitrary code execution. Registry names, and modules the
+    program already imported itself, are allowed.
+    """
+    module = spec.name.partition(":")[0]
+    if ":" in spec.name and module not in sys.modules:
+        raise ModelError(f"{source}: architecture {spec.name!r} needs module {module!r}, "
+                         "which is not imported", hint="import it yourself first if you trust this file")
 
 
 def build_from_spec(spec: ModelSpec) -> nn.Module:
