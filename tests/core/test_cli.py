@@ -40,3 +40,21 @@ def test_errors_are_one_line_with_hint(tmp_path):
     assert r.exit_code == 2 and "no such file" in r.output
     r = runner.invoke(app, ["train", "-m", "mlp", "-o", str(tmp_path / "x"), "--model-args", "[1]"])
     assert r.exit_code == 2 and "--model-args must be a JSON object" in r.output
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    r = runner.invoke(app, ["demo", "--quick", "--threads", "1", "-o", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    stages = [row["stage"] for row in rows]
+    assert stages[0] == "baseline (fp32)" and len(stages) >= 7
+    for key in ("pruned (unstructured", "pruned (channels", ".dsz", "distilled", "int8", "4-bit"):
+        assert any(key in s for s in stages), key
+    base = rows[0]
+    assert base["top1"] >= 0.9
+    assert base["bytes"] == (tmp_path / "baseline.safetensors").stat().st_size
+    for row in rows[1:]:
+        assert row["bytes"] < base["bytes"], row["stage"]  # every technique makes the file smaller
+        assert row["drop_pt"] <= 5.0, row["stage"]
+        assert row["speedup@b1"] > 0 and row["ms@b256"] > 0
+    assert (tmp_path / "demo.json").exists()
