@@ -193,18 +193,10 @@ def run_unstructured(rounds: int, epochs: int, final_epochs: int, baseline: Path
 
 def run_structured() -> dict[str, Any]:
     """The structured part, from bench/pruning_structured.py (LeNet-5 channels, transformers)."""
-    try:
-        import pruning_structured  # type: ignore[import-not-found]
-    except ModuleNotFoundError as exc:
-        raise SystemExit("bench/pruning_structured.py is not there yet") from exc
-    out: dict[str, Any] = {}
-    if hasattr(pruning_structured, "lenet5_part"):
-        out["lenet5_fmnist"] = pruning_structured.lenet5_part()
-    if hasattr(pruning_structured, "hf_part"):
-        out["transformers"] = pruning_structured.hf_part((1, 8))
-    if not out:
-        raise SystemExit("bench/pruning_structured.py has neither lenet5_part() nor hf_part()")
-    return out
+    import pruning_structured
+
+    return {"lenet5_fmnist": pruning_structured.lenet5_part(),
+            "transformers": pruning_structured.hf_part((1, 8))}
 
 
 def main() -> None:

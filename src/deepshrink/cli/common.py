@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from deepshrink.errors import DeepShrinkError
+from deepshrink.errors import ConfigError, DeepShrinkError
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Wide enough for the results tables when stdout is a pipe or file (rich defaults to 80 there).
@@ -38,6 +38,19 @@ def friendly_errors(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def json_object(text: str | None, option: str) -> dict[str, Any]:
+    """Parse an option's value as a JSON object ({} when absent), naming the option on error."""
+    if not text:
+        return {}
+    try:
+        val = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not valid JSON: {exc}") from exc
+    if not isinstance(val, dict):
+        raise ConfigError(f"{option} must be a JSON object")
+    return val
 
 
 def emit_json(obj: Any) -> None:

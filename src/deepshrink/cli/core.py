@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import typer
 
 from deepshrink.checkpoint import load, save
-from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, out
+from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, json_object, out
 from deepshrink.data import load_dataset
 from deepshrink.errors import ConfigError
 from deepshrink.measure import measure_model
@@ -19,18 +18,6 @@ from deepshrink.train import TrainConfig, evaluate, train
 DATASET = typer.Option("digits", "--data", "-d",
                        help="digits (embedded), fashion-mnist, mnist, or a directory of IDX files.")
 DATA_DIR = typer.Option(None, "--data-dir", help="Directory of IDX files (overrides auto-detection).")
-
-
-def _kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        val = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--model-args is not valid JSON: {exc}") from exc
-    if not isinstance(val, dict):
-        raise ConfigError("--model-args must be a JSON object")
-    return val
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +38,7 @@ def register(app: typer.Typer) -> None:
         """Train a model and save a rebuildable safetensors checkpoint."""
         bundle = load_dataset(data, data_dir)
         kwargs = {"in_size": bundle.in_size, "num_classes": bundle.num_classes}
-        kwargs.update(_kwargs(model_args))
+        kwargs.update(json_object(model_args, "--model-args"))
         cfg = TrainConfig.from_file(config) if config else TrainConfig()
         overrides = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides, "seed": seed})

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import typer
 
 from deepshrink.checkpoint import load, save
-from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out
+from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, json_object, out
 from deepshrink.config import Config
 from deepshrink.data import load_dataset
 from deepshrink.errors import ConfigError
@@ -24,18 +23,6 @@ def _parse_hints(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--hint must be STUDENT_MODULE=TEACHER_MODULE, got {item!r}")
         hints[s] = t
     return hints
-
-
-def _json_object(text: str | None, option: str) -> dict:
-    if not text:
-        return {}
-    try:
-        val = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{option} is not valid JSON: {exc}") from exc
-    if not isinstance(val, dict):
-        raise ConfigError(f"{option} must be a JSON object")
-    return val
 
 
 def _override(cfg: Config, **values: object) -> Config:
@@ -97,7 +84,7 @@ def register(app: typer.Typer) -> None:
             net = load(student)
         else:
             kwargs = {"in_size": bundle.in_size, "num_classes": bundle.num_classes}
-            kwargs.update(_json_object(student_args, "--student-args"))
+            kwargs.update(json_object(student_args, "--student-args"))
             net = create_model(student, **kwargs)
         test_loader = bundle.loader("test", 512)
         before = evaluate(net, test_loader)["top1"]
