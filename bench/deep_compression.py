@@ -66,8 +66,12 @@ MODELS: dict[str, dict[str, Any]] = {
         "prune_train": _tc(4, 3e-4), "rounds": 4, "prune_final": _tc(10, 1e-4),
         "finetune": _tc(8, 1e-4), "distill_alpha": 0.7, "distill_temperature": 2.0,
         "sparse_starts": ["lenet300-sparse.safetensors"],
-        "sparse_sharing": [KMeansConfig(bits=3, bias_bits=4), KMeansConfig(bits=4, bias_bits=4),
-                           KMeansConfig(bits=5, bias_bits=5)],
+        # (sharing, packing) pairs; float16 codebooks halve the centroid tables (the model is
+        # rounded to them before coding, so the file still holds exactly the evaluated weights).
+        "sparse_sharing": [(KMeansConfig(bits=3, bias_bits=4), PackConfig()),
+                           (KMeansConfig(bits=3, bias_bits=4), PackConfig(codebook_dtype="float16")),
+                           (KMeansConfig(bits=4, bias_bits=4), PackConfig()),
+                           (KMeansConfig(bits=5, bias_bits=5), PackConfig())],
     },
     "lenet5": {
         "checkpoint": "lenet5.safetensors",
@@ -111,8 +115,8 @@ def run_model(name: str, spec: dict[str, Any], data: Any, val_margin: float) -> 
         # magnitude pruning of the same baseline with distillation): share + fine-tune + code only.
         for si, start in enumerate(spec.get("sparse_starts", [])):
             pruned = load(RESULTS / start)
-            for ki, kcfg in enumerate(spec["sparse_sharing"]):
-                cfg = CompressConfig(prune=None, sharing=kcfg, finetune=spec["finetune"], pack=PackConfig(),
+            for ki, (kcfg, pcfg) in enumerate(spec["sparse_sharing"]):
+                cfg = CompressConfig(prune=None, sharing=kcfg, finetune=spec["finetune"], pack=pcfg,
                                      distill_alpha=spec["distill_alpha"],
                                      distill_temperature=spec["distill_temperature"])
                 candidates.append(_candidate(
@@ -129,8 +133,9 @@ def run_model(name: str, spec: dict[str, Any], data: Any, val_margin: float) -> 
     return {"baseline": {"checkpoint": f"bench/results/{spec['checkpoint']}", "bytes": fp32_file,
                          "val_top1": base_val, "test_top1": base_test},
             "selection": f"smallest file with val drop <= {val_margin} pt (else best val)",
-            "chosen": {k: chosen[k] for k in ("prune", "sharing", "bytes", "ratio_vs_fp32_file",
-                                              "val_top1", "test_top1", "val_drop_pt", "test_drop_pt")},
+            "chosen": {k: chosen[k] for k in ("prune", "sharing", "pack_config", "bytes",
+                                              "ratio_vs_fp32_file", "val_top1", "test_top1",
+                                              "val_drop_pt", "test_drop_pt")},
             "file": f"bench/results/{name}.dsz", "file_bytes": file_bytes(dst),
             "reloaded_test_top1": re_test, "stage_table": chosen["stages"],
             "entropy": _entropy_rows(chosen["pack"]), "candidates": candidates}
@@ -149,7 +154,7 @@ def _candidate(name: str, pruned: Any, baseline: Any, data: Any, cfg: CompressCo
     rows[1]["prune"] = prune_desc  # pruning ran before compress(): record what it was
     final = rows[-1]
     kcfg = cfg.sharing
-    cand = {"prune": prune_desc, "sharing": kcfg.to_dict(), "stages": rows,
+    cand = {"prune": prune_desc, "sharing": kcfg.to_dict(), "pack_config": cfg.pack.to_dict(), "stages": rows,
             "bytes": final["bytes"], "ratio_vs_fp32_file": fp32_file / final["bytes"],
             "val_top1": final["val_top1"], "test_top1": final["top1"],
             "val_drop_pt": 100 * (base_val - final["val_top1"]),
@@ -157,7 +162,8 @@ def _candidate(name: str, pruned: Any, baseline: Any, data: Any, cfg: CompressCo
             "prune_rounds": rounds,
             "seconds": {"prune": prune_s, "share_finetune_code": time.perf_counter() - t1},
             "pack": res.report.to_dict(), "file": str(out)}
-    print(f"  {prune_desc} {kcfg.bits}b: {final['bytes']} B ({cand['ratio_vs_fp32_file']:.1f}x) "
+    print(f"  {prune_desc} {kcfg.bits}b {cfg.pack.codebook_dtype} codebooks: {final['bytes']} B "
+          f"({cand['ratio_vs_fp32_file']:.1f}x) "
           f"val {final['val_top1']:.4f} test {final['top1']:.4f}", flush=True)
     return cand
 
@@ -244,6 +250,12 @@ def throughput(n: int = 10_000_000) -> dict[str, Any]:
     return out
 
 
+def _plain(c: Any) -> Any:
+    if isinstance(c, tuple):
+        return [_plain(x) for x in c]
+    return c if isinstance(c, dict) else c.to_dict()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", action="append", choices=[*MODELS, "throughput"])
@@ -264,7 +276,7 @@ def main() -> None:
         w0, c0 = time.perf_counter(), time.process_time()
         if p in MODELS:
             payload[p] = run_model(p, MODELS[p], data, args.val_margin)
-            payload[p]["config"] = {k: ([c if isinstance(c, dict) else c.to_dict() for c in v]
+            payload[p]["config"] = {k: ([_plain(c) for c in v]
                                         if k in ("sharing", "prunes", "sparse_sharing") else
                                         v.to_dict() if dataclasses.is_dataclass(v) else v)
                                     for k, v in MODELS[p].items()}

@@ -287,13 +287,18 @@ def main() -> None:
             sys.exit(f"missing baseline {BASE / ckpt}: run bench/baselines.py first")
     t0 = time.perf_counter()
     data = load_fashion_mnist()
-    out: dict[str, Any] = {"command": "python bench/quantization.py" + (" --quick" if args.quick else ""),
+    cmd = ("python bench/quantization.py" + (" --quick" if args.quick else "")
+           + (f" --only {args.only}" if args.only else ""))
+    out: dict[str, Any] = {"command": cmd, "commands": {"accuracy": cmd, "latency": cmd},
                            "threads": {"train_torch": TRAIN_THREADS, "latency_torch": LATENCY_THREADS,
                                        "latency_ort_intra_op": LATENCY_THREADS}}
     prev_path = BASE / "quantization.json"
     if args.only and prev_path.exists():
         prev = json.loads(prev_path.read_text())
         out.update({k: v for k, v in prev.items() if k in ("accuracy", "latency")})
+        # which command produced each part (the other part keeps its earlier command)
+        before = prev.get("commands", {k: prev.get("command") for k in ("accuracy", "latency")})
+        out["commands"] = {**before, args.only: cmd}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.only in (None, "accuracy"):
