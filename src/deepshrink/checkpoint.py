@@ -117,14 +117,8 @@ register_loader("safetensors", _is_safetensors, load_safetensors)
 
 
 def _ensure_format_plugins() -> None:
-    import importlib
-
-    for mod in ("deepshrink.sharing", "deepshrink.quantization"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    # The .dsz loader registers itself on import; imported lazily (it imports this module).
+    import deepshrink.sharing  # noqa: F401
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:

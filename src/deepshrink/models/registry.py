@@ -101,14 +101,9 @@ def register_edit(kind: str) -> Callable[[EditReplayer], EditReplayer]:
 
 
 def _ensure_edit_plugins() -> None:
-    # Techniques register their replayers on import; import the known ones lazily.
-    for mod in ("deepshrink.pruning", "deepshrink.quantization", "deepshrink.sharing",
-                "deepshrink.redesign"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    # Techniques register their replayers on import; imported lazily (they import this module).
+    for mod in ("deepshrink.pruning", "deepshrink.quantization"):
+        importlib.import_module(mod)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
