@@ -10,25 +10,11 @@ import torch
 from torch import nn
 
 from deepshrink import load, save
-from deepshrink.data import load_digits
 from deepshrink.errors import DataError
 from deepshrink.models import create_model
 from deepshrink.quantization import PTQConfig, QuantizedLayer, quantize, quantized_layers, weight_bytes
 from deepshrink.quantization.packing import packed_nbytes
-from deepshrink.train import TrainConfig, evaluate, train
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    m = create_model("lenet300", in_size=8)
-    train(m, digits, TrainConfig(epochs=5, batch_size=64, lr=2e-3, progress=False))
-    return m
+from deepshrink.train import evaluate
 
 
 def _top1(model, digits) -> float:

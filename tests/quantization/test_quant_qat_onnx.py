@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from deepshrink.data import load_digits
 from deepshrink.measure import measure_latency
 from deepshrink.models import create_model
 from deepshrink.quantization import (
@@ -27,19 +26,6 @@ from deepshrink.quantization import (
     quantize,
 )
 from deepshrink.train import TrainConfig, evaluate, train
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    m = create_model("lenet300", in_size=8)
-    train(m, digits, TrainConfig(epochs=5, batch_size=64, lr=2e-3, progress=False))
-    return m
 
 
 def test_ste_gradient_flows_through_weight_quantizer() -> None:

@@ -17,6 +17,7 @@ crossover.
 
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import warnings
@@ -80,7 +81,7 @@ def packed_bytes(w: torch.Tensor) -> int:
 
 # --- the packed layer and its spec edit ---------------------------------------------------------
 
-class _Derived(nn.Module):
+class _Derived(nn.Module, abc.ABC):
     """A module whose forward uses a tensor derived from its stored state (decoded or assembled
     once, not per call: per-call checks cost more than a small layer's matmul). The derived tensor
     is rebuilt after ``load_state_dict`` and device/dtype moves; after editing the stored tensors
@@ -88,8 +89,9 @@ class _Derived(nn.Module):
 
     _derived: torch.Tensor | None = None
 
+    @abc.abstractmethod
     def _derive(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The tensor forward uses, built from the stored state."""
 
     def refresh(self) -> torch.Tensor:
         self._derived = self._derive()

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from deepshrink.errors import ConfigError
@@ -58,14 +60,16 @@ def weight_range(rows: torch.Tensor, spec: QuantSpec, method: str = "mse", pct: 
     raise ConfigError(f"weight range method must be one of {RANGE_METHODS}, got {method!r}")
 
 
-class Observer:
+class Observer(abc.ABC):
     """Collects statistics of a tensor over calibration batches; :meth:`range` gives [lo, hi]."""
 
+    @abc.abstractmethod
     def update(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Fold one calibration batch into the statistics."""
 
+    @abc.abstractmethod
     def range(self) -> tuple[float, float]:
-        raise NotImplementedError
+        """The [lo, hi] range to quantize with."""
 
 
 class MinMaxObserver(Observer):
