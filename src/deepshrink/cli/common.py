@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from deepshrink.errors import ConfigError, DeepShrinkError
 
@@ -29,12 +30,13 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DeepShrinkError as exc:
-            err.print(f"[red]error:[/red] {exc.args[0]}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(str(exc.args[0]))}", highlight=False, soft_wrap=True)
             if exc.hint:
-                err.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
+                err.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            err.print(f"[red]error:[/red] {exc.filename}: {exc.strerror}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(str(exc.filename))}: {exc.strerror}", highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
