@@ -28,6 +28,11 @@ class Config:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field when a value is out of range."""
 
+    def override(self: C, **values: Any) -> C:
+        """A validated copy with the given fields replaced; ``None`` values are ignored, so CLI
+        options that were not given leave the config's value alone."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": type(self).__name__}
         for f in dataclasses.fields(self):

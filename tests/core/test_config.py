@@ -48,3 +48,10 @@ def test_train_config_validation_and_files(tmp_path):
     assert TrainConfig.from_file(tmp_path / "c.yaml") == TrainConfig(epochs=3, lr=0.01)
     c = TrainConfig(epochs=2, grad_clip=1.0)
     assert TrainConfig.from_json(c.to_json()) == c
+
+
+def test_override_ignores_none_and_validates():
+    c = TrainConfig(epochs=3)
+    assert c.override(epochs=None, lr=0.5) == TrainConfig(epochs=3, lr=0.5)
+    with pytest.raises(ConfigError, match="TrainConfig.lr"):
+        c.override(lr=-1.0)

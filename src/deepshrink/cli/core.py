@@ -39,9 +39,8 @@ def register(app: typer.Typer) -> None:
         bundle = load_dataset(data, data_dir)
         kwargs = {"in_size": bundle.in_size, "num_classes": bundle.num_classes}
         kwargs.update(json_object(model_args, "--model-args"))
-        cfg = TrainConfig.from_file(config) if config else TrainConfig()
-        overrides = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides, "seed": seed})
+        cfg = (TrainConfig.from_file(config) if config else TrainConfig()).override(
+            epochs=epochs, lr=lr, seed=seed)
         torch.manual_seed(seed)
         net = create_model(model, **kwargs)
         result = train(net, bundle, cfg)

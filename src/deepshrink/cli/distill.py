@@ -9,7 +9,6 @@ import typer
 
 from deepshrink.checkpoint import load, save
 from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, json_object, out
-from deepshrink.config import Config
 from deepshrink.data import load_dataset
 from deepshrink.errors import ConfigError
 from deepshrink.train import TrainConfig, evaluate
@@ -23,11 +22,6 @@ def _parse_hints(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--hint must be STUDENT_MODULE=TEACHER_MODULE, got {item!r}")
         hints[s] = t
     return hints
-
-
-def _override(cfg: Config, **values: object) -> Config:
-    """A copy of ``cfg`` with the given non-None values (validated by the config class)."""
-    return type(cfg).from_dict({**cfg.to_dict(), **{k: v for k, v in values.items() if v is not None}})
 
 
 def register(app: typer.Typer) -> None:
@@ -72,10 +66,10 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             raise ConfigError(f"--weights must be comma-separated numbers, got {weights!r}") from exc
         kd = KDConfig.from_file(config) if config else KDConfig()
-        kd = _override(kd, temperature=temperature, alpha=alpha, combine=combine, weights=w,
-                       cache=False if no_cache else None, hints=_parse_hints(hint) or None)
+        kd = kd.override(temperature=temperature, alpha=alpha, combine=combine, weights=w,
+                         cache=False if no_cache else None, hints=_parse_hints(hint) or None)
         tc = TrainConfig.from_file(train_config) if train_config else TrainConfig()
-        tc = _override(tc, epochs=epochs, lr=lr, seed=seed)
+        tc = tc.override(epochs=epochs, lr=lr, seed=seed)
         teachers = [load(p) for p in teacher]
         torch.manual_seed(seed)
         if Path(student).is_file():

@@ -41,6 +41,20 @@ from deepshrink.quantization.observers import ACT_RANGE_METHODS, RANGE_METHODS
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 
+def validate_weight_fields(cfg: Any) -> None:
+    """Checks shared by PTQConfig and QATConfig: weight bits, granularity, group size, range
+    method and per-layer bits."""
+    n = type(cfg).__name__
+    validate_bits(n, "bits", cfg.bits)
+    check(cfg.granularity in GRANULARITIES, n, "granularity",
+          f"must be one of {GRANULARITIES}, got {cfg.granularity!r}")
+    check(cfg.group_size >= 1, n, "group_size", f"must be >= 1, got {cfg.group_size}")
+    check(cfg.weight_range in RANGE_METHODS, n, "weight_range",
+          f"must be one of {RANGE_METHODS}, got {cfg.weight_range!r}")
+    for pat, b in cfg.layer_bits.items():
+        validate_bits(n, f"layer_bits[{pat!r}]", b)
+
+
 @dataclasses.dataclass
 class PTQConfig(Config):
     mode: str = "static"  # weight-only | dynamic | static
@@ -62,20 +76,13 @@ class PTQConfig(Config):
     def validate(self) -> None:
         n = type(self).__name__
         check(self.mode in MODES, n, "mode", f"must be one of {MODES}, got {self.mode!r}")
-        validate_bits(n, "bits", self.bits)
+        validate_weight_fields(self)
         validate_bits(n, "act_bits", self.act_bits)
-        check(self.granularity in GRANULARITIES, n, "granularity",
-              f"must be one of {GRANULARITIES}, got {self.granularity!r}")
-        check(self.group_size >= 1, n, "group_size", f"must be >= 1, got {self.group_size}")
-        check(self.weight_range in RANGE_METHODS, n, "weight_range",
-              f"must be one of {RANGE_METHODS}, got {self.weight_range!r}")
         check(self.act_range in ACT_RANGE_METHODS, n, "act_range",
               f"must be one of {ACT_RANGE_METHODS}, got {self.act_range!r}")
         check(50.0 < self.percentile <= 100.0, n, "percentile",
               f"must be in (50, 100], got {self.percentile}")
         check(self.calib_batches >= 1, n, "calib_batches", f"must be >= 1, got {self.calib_batches}")
-        for pat, b in self.layer_bits.items():
-            validate_bits(n, f"layer_bits[{pat!r}]", b)
         for b in self.candidate_bits:
             validate_bits(n, "candidate_bits", b)
         if self.embedding_bits is not None:

@@ -16,15 +16,15 @@ from torch import nn
 
 from deepshrink.config import Config, check
 from deepshrink.models import record_edit
-from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
+from deepshrink.quantization.core import QuantSpec, validate_bits
 from deepshrink.quantization.modules import ActFakeQuant, FakeQuantLayer, QuantizedLayer, WeightFakeQuant
-from deepshrink.quantization.observers import RANGE_METHODS
 from deepshrink.quantization.ptq import (
     bits_for,
     calibration_batches,
     quantizable_layers,
     run_model,
     set_module,
+    validate_weight_fields,
 )
 
 
@@ -44,17 +44,10 @@ class QATConfig(Config):
 
     def validate(self) -> None:
         n = type(self).__name__
-        validate_bits(n, "bits", self.bits)
+        validate_weight_fields(self)
         if self.act_bits is not None:
             validate_bits(n, "act_bits", self.act_bits)
-        check(self.granularity in GRANULARITIES, n, "granularity",
-              f"must be one of {GRANULARITIES}, got {self.granularity!r}")
-        check(self.group_size >= 1, n, "group_size", f"must be >= 1, got {self.group_size}")
-        check(self.weight_range in RANGE_METHODS, n, "weight_range",
-              f"must be one of {RANGE_METHODS}, got {self.weight_range!r}")
         check(0.0 < self.momentum <= 1.0, n, "momentum", f"must be in (0, 1], got {self.momentum}")
-        for pat, b in self.layer_bits.items():
-            validate_bits(n, f"layer_bits[{pat!r}]", b)
 
 
 def prepare_qat(model: nn.Module, config: QATConfig | None = None, calibration_data: Any = None
