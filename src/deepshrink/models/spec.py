@@ -173,7 +173,8 @@ def build_checked(data: Any, stored: StoredTensors, where: str, *, trust: Iterab
 
 
 def _on_meta(spec: ModelSpec) -> nn.Module:
-    with torch.device("meta"):
+    # fork_rng: the skeleton must not advance the global RNG (loading stays reproducible).
+    with torch.random.fork_rng(), torch.device("meta"):
         return build(spec)
 
 
