@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from deepshrink.checkpoint import save
-from deepshrink.demo import DemoContext
+from deepshrink.demo.context import DemoContext
 from deepshrink.distill.api import KDConfig, distill
 from deepshrink.models import create_model
 from deepshrink.train import TrainConfig
