@@ -110,3 +110,20 @@ def test_self_distill_replaces_the_loss() -> None:
     got = cb.on_loss(state, torch.tensor(123.0))  # type: ignore[arg-type]
     want = kd_loss(student(x), teacher(x), y, temperature=3.0, alpha=0.6)["loss"]
     torch.testing.assert_close(got, want)
+
+
+def test_cli_options_revalidate_the_config() -> None:
+    """Command-line options go through Config.override, so a bad value fails validation there."""
+    import pytest
+
+    from deepshrink.cli.compress import compress_config
+    from deepshrink.errors import ConfigError
+
+    cfg = compress_config(CompressConfig(), sparsity=0.5, bits=3, conv_bits=None, epochs=2)
+    assert cfg.prune.ratio == 0.5 and cfg.sharing.bits == 3 and cfg.prune_train.epochs == 2
+    off = compress_config(CompressConfig(), sparsity=0.0, bits=None, conv_bits=None, epochs=None)
+    assert off.prune is None
+    with pytest.raises(ConfigError, match="bits"):
+        compress_config(CompressConfig(), sparsity=None, bits=99, conv_bits=None, epochs=None)
+    with pytest.raises(ConfigError, match="epochs"):
+        compress_config(CompressConfig(), sparsity=None, bits=None, conv_bits=None, epochs=-1)
