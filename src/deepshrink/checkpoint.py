@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from deepshrink.errors import FormatError, ModelError
+from deepshrink.errors import FormatError, ModelError, OutputError
 from deepshrink.fileio import atomic_path
 from deepshrink.models import ModelSpec, build_checked, spec_of
 
@@ -73,7 +74,10 @@ def save(model: nn.Module, path: str | Path, *, extra: dict[str, Any] | None = N
                             "spec": spec.to_dict() if spec is not None else None,
                             "extra": extra or {}}
     with atomic_path(path, protect=protect) as tmp:
-        save_model(model, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        try:
+            save_model(model, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        except SafetensorError as exc:  # e.g. a full disk, reported by the Rust writer
+            raise OutputError(f"{path}: cannot write: {exc}") from exc
         _add_digest(tmp, meta)
     return path
 

@@ -31,7 +31,7 @@ def _fail(where: str, message: str, value: Any) -> FormatError:
     return FormatError(f"{where}: {message}, got {value!r:.80}")
 
 
-def Int(lo: int = -MAX_INT, hi: int = MAX_INT) -> Schema:  # noqa: N802 - reads like a type
+def Int(lo: int = -MAX_INT, hi: int = MAX_INT) -> Schema:
     def check(value: Any, where: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             raise _fail(where, f"must be an integer in [{lo}, {hi}]", value)
@@ -39,7 +39,7 @@ def Int(lo: int = -MAX_INT, hi: int = MAX_INT) -> Schema:  # noqa: N802 - reads 
     return check
 
 
-def Float(lo: float = -math.inf, hi: float = math.inf) -> Schema:  # noqa: N802
+def Float(lo: float = -math.inf, hi: float = math.inf) -> Schema:
     def check(value: Any, where: str) -> float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok or not math.isfinite(value) or not lo <= value <= hi:
@@ -48,7 +48,7 @@ def Float(lo: float = -math.inf, hi: float = math.inf) -> Schema:  # noqa: N802
     return check
 
 
-def Bool() -> Schema:  # noqa: N802
+def Bool() -> Schema:
     def check(value: Any, where: str) -> bool:
         if not isinstance(value, bool):
             raise _fail(where, "must be true or false", value)
@@ -57,7 +57,7 @@ def Bool() -> Schema:  # noqa: N802
 
 
 def Str(choices: tuple[str, ...] | None = None, pattern: re.Pattern[str] | None = None,
-        max_len: int = 256) -> Schema:  # noqa: N802
+        max_len: int = 256) -> Schema:
     def check(value: Any, where: str) -> str:
         if not isinstance(value, str) or len(value) > max_len:
             raise _fail(where, f"must be a string of at most {max_len} characters", value)
@@ -69,14 +69,14 @@ def Str(choices: tuple[str, ...] | None = None, pattern: re.Pattern[str] | None 
     return check
 
 
-def Opt(inner: Schema) -> Schema:  # noqa: N802
+def Opt(inner: Schema) -> Schema:
     """``inner`` or null."""
     def check(value: Any, where: str) -> Any:
         return None if value is None else inner(value, where)
     return check
 
 
-def List(item: Schema, max_len: int = 1 << 16, min_len: int = 0) -> Schema:  # noqa: N802
+def List(item: Schema, max_len: int = 1 << 16, min_len: int = 0) -> Schema:
     def check(value: Any, where: str) -> list[Any]:
         if not isinstance(value, list) or not min_len <= len(value) <= max_len:
             raise _fail(where, f"must be a list of {min_len} to {max_len} items", value)
@@ -84,7 +84,7 @@ def List(item: Schema, max_len: int = 1 << 16, min_len: int = 0) -> Schema:  # n
     return check
 
 
-def Map(value_schema: Schema, key: Schema | None = None, max_len: int = 1 << 16) -> Schema:  # noqa: N802
+def Map(value_schema: Schema, key: Schema | None = None, max_len: int = 1 << 16) -> Schema:
     """A JSON object with arbitrary (checked) keys, all values of one schema."""
     key_schema = key or Str(pattern=NAME_RE)
 
@@ -96,7 +96,7 @@ def Map(value_schema: Schema, key: Schema | None = None, max_len: int = 1 << 16)
     return check
 
 
-def Obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None) -> Schema:  # noqa: N802
+def Obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None) -> Schema:
     """A JSON object with exactly these keys (``optional`` ones may be missing); others rejected."""
     opt = optional or {}
 
@@ -119,7 +119,7 @@ def Obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None) 
     return check
 
 
-def OneOf(*schemas: Schema) -> Schema:  # noqa: N802
+def OneOf(*schemas: Schema) -> Schema:
     """The first schema that accepts the value."""
     def check(value: Any, where: str) -> Any:
         errors = []
@@ -133,7 +133,7 @@ def OneOf(*schemas: Schema) -> Schema:  # noqa: N802
     return check
 
 
-def Json(max_depth: int = 4, max_items: int = 4096, max_int: int = MAX_INT) -> Schema:  # noqa: N802
+def Json(max_depth: int = 4, max_items: int = 4096, max_int: int = MAX_INT) -> Schema:
     """Plain JSON data (no non-finite numbers), bounded in depth, size and integer magnitude."""
     def check(value: Any, where: str, depth: int = 0) -> Any:
         if depth > max_depth:

@@ -183,7 +183,7 @@ def _guarded(fn: Callable[[], nn.Module], where: str, spec: ModelSpec) -> nn.Mod
         return fn()
     except FormatError:
         raise
-    except (DeepShrinkError, Exception) as exc:  # noqa: BLE001 - factories/replayers see file data
+    except (DeepShrinkError, Exception) as exc:
         msg = exc.args[0] if isinstance(exc, DeepShrinkError) else f"{type(exc).__name__}: {exc}"
         raise FormatError(f"{where}: spec {spec.name!r} cannot be built: {str(msg)[:300]}") from exc
 
@@ -196,10 +196,9 @@ def _check_counts(value: Any, n_stored: int, where: str, key: str = "") -> None:
         return
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
         value = sum(value)
-    if isinstance(value, int) and not isinstance(value, bool) and _COUNT_KEY.fullmatch(key):
-        if value > max(n_stored, 1):
-            raise FormatError(f"{where}: {value} layers/blocks but the file stores only {n_stored} "
-                              "tensors")
+    counts = isinstance(value, int) and not isinstance(value, bool) and _COUNT_KEY.fullmatch(key)
+    if counts and value > max(n_stored, 1):
+        raise FormatError(f"{where}: {value} layers/blocks but the file stores only {n_stored} tensors")
 
 
 def check_stored(skeleton: nn.Module, stored: StoredTensors, where: str) -> None:

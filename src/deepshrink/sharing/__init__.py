@@ -10,7 +10,6 @@ fine-tuning, and the prune -> share -> fine-tune -> entropy-code pipeline::
 from __future__ import annotations
 
 from deepshrink.sharing.finetune import CentroidFineTune, centroid_grads
-from deepshrink.sharing.pipeline import CompressConfig, CompressResult, compress
 from deepshrink.sharing.kmeans import (
     KMeansConfig,
     SharedTensor,
@@ -24,6 +23,7 @@ from deepshrink.sharing.kmeans import (
     sharing_summary,
     write_shared_weights,
 )
+from deepshrink.sharing.pipeline import CompressConfig, CompressResult, compress
 
 __all__ = ["CentroidFineTune", "CompressConfig", "CompressResult", "KMeansConfig", "SharedTensor",
            "assign", "centroid_grads", "compress", "get_sharing", "init_centroids", "kmeans_1d",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.coding.codebook import SHARING_ATTR, Sharing, SharedTensor, get_sharing, set_sharing
+from deepshrink.coding.codebook import SharedTensor, Sharing, get_sharing, set_sharing
 from deepshrink.config import Config, check
 from deepshrink.errors import ModelError
 
