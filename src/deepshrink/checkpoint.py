@@ -132,7 +132,7 @@ def _check_table(header: dict[str, Any], data_len: int, path: Path) -> None:
         if name == "__metadata__":
             continue
         where = f"{path}: tensor {name!r:.80}"
-        if not isinstance(e, dict) or e.get("dtype") not in ST_DTYPES:
+        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or e["dtype"] not in ST_DTYPES:
             raise FormatError(f"{where}: dtype must be one of {sorted(ST_DTYPES)}")
         shape, offs = e.get("shape"), e.get("data_offsets")
         if not (isinstance(shape, list) and len(shape) <= 8 and all(_nat(d) for d in shape)):

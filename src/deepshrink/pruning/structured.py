@@ -222,7 +222,7 @@ def set_fields(model: nn.Module, attrs: dict[str, dict[str, Any]], config: dict[
 # The recorded edit, as checked on load: only these module attributes / config fields may be set.
 _COUNT = Int(0, 1 << 31)
 CHANNEL_PRUNE_SCHEMA = Obj(
-    {"slices": Map(Map(List(_COUNT, max_len=1 << 24), key=Str(choices=("in", "out"))))},
+    {"slices": Map(Map(List(_COUNT, max_len=1 << 24), key=Str(choices=("in", "out", "along"))))},
     optional={"attrs": Map(Obj({}, optional={"num_attention_heads": _COUNT, "all_head_size": _COUNT})),
               "config": Obj({}, optional={"num_attention_heads": _COUNT, "head_dim": _COUNT,
                                           "intermediate_size": _COUNT}),
