@@ -43,11 +43,18 @@ def main() -> None:
     for fam, n in (("dsz", 45000), ("safetensors", 45000), ("idx", 6000), ("cli", 4000)):
         ap.add_argument(f"--{fam}", type=int, default=n)
     ap.add_argument("--chunk", type=int, default=2500)
+    ap.add_argument("--families", default="dsz,safetensors,idx,cli")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "security_fuzz.json")
+    ap.add_argument("--merge", type=Path, nargs="*", help="combine the rows of earlier runs' JSON")
     a = ap.parse_args()
     rows, t0 = [], time.perf_counter()
-    for fam in ("dsz", "safetensors", "idx", "cli"):
+    if a.merge:
+        parts = [json.loads(p.read_text()) for p in a.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        write(a.out, rows, [part["command"] for part in parts], max(p["seconds"] for p in parts))
+        return
+    for fam in a.families.split(","):
         total, counts, bad, seed = getattr(a, fam), Counter(), [], a.seed
         start = time.perf_counter()
         while sum(counts.values()) < total:
@@ -59,11 +66,14 @@ def main() -> None:
             print(f"{fam}: {sum(counts.values())}/{total} {dict(counts)}", file=sys.stderr, flush=True)
         rows.append({"family": fam, "inputs": total, **{o: counts.get(o, 0) for o in OUTCOMES},
                      "seconds": round(time.perf_counter() - start), "bad_examples": bad})
+    write(a.out, rows, " ".join(["nice -n 10", "python", *sys.argv]), round(time.perf_counter() - t0))
+
+
+def write(out: Path, rows: list[dict], command: object, seconds: int) -> None:
     total = {o: sum(r[o] for r in rows) for o in ["inputs", *OUTCOMES]}
-    res = {"command": " ".join(["nice -n 10", "python", *sys.argv]), "rows": rows, "total": total,
-           "seconds": round(time.perf_counter() - t0)}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=1))
+    res = {"command": command, "rows": rows, "total": total, "seconds": seconds}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
     cols = ["family", "inputs", *OUTCOMES]
     print(" | ".join(cols))
     for r in [*rows, {"family": "total", **total}]:

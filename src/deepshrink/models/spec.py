@@ -123,7 +123,7 @@ def check_edit(edit: Any, where: str) -> dict[str, Any]:
     if not isinstance(edit, dict):
         raise FormatError(f"{where}: must be an object with a 'kind', got {edit!r:.60}")
     kind = edit.get("kind")
-    if kind not in _EDITS:
+    if not isinstance(kind, str) or kind not in _EDITS:
         raise FormatError(f"{where}.kind: unknown edit kind {kind!r:.60}",
                           hint=f"known kinds: {edit_kinds()}")
     fields = _EDITS[kind].schema({k: v for k, v in edit.items() if k != "kind"}, where)
