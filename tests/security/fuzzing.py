@@ -53,11 +53,52 @@ import torch
 
 MEMORY_CAP = 3 << 30  # address space of a worker: torch needs ~0.7 GB, the rest is headroom
 CASE_SECONDS = {"dsz": 10, "safetensors": 10, "idx": 10, "cli": 60}
-NASTY: list[Any] = [None, True, False, 0, -1, 1, 2, 7, 255, 256, 1 << 31, 1 << 40, -(1 << 62), 1.5,
-                    -0.5, 1e308, "", "x", "float32", "bool", "int32", "uint8", "float16", "linear",
-                    "C", "F", "raw", "shared", "dense", "relative", "csr", "__class__", "../x",
-                    [], [1], [-1], [1 << 40], [0, 0], [3, 4], ["x"], {}, {"kind": "x"},
-                    {"a": {"b": {"c": 1}}}, list(range(40))]
+NASTY: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    7,
+    255,
+    256,
+    1 << 31,
+    1 << 40,
+    -(1 << 62),
+    1.5,
+    -0.5,
+    1e308,
+    "",
+    "x",
+    "float32",
+    "bool",
+    "int32",
+    "uint8",
+    "float16",
+    "linear",
+    "C",
+    "F",
+    "raw",
+    "shared",
+    "dense",
+    "relative",
+    "csr",
+    "__class__",
+    "../x",
+    [],
+    [1],
+    [-1],
+    [1 << 40],
+    [0, 0],
+    [3, 4],
+    ["x"],
+    {},
+    {"kind": "x"},
+    {"a": {"b": {"c": 1}}},
+    list(range(40)),
+]
 
 
 class Hang(BaseException):
@@ -94,33 +135,52 @@ class Canary:
     def dangerous(self) -> list[tuple[str, dict[str, Any]]]:
         s, f, d = str(self.sentinel), str(self.file), str(self.subdir)
         return [
-            ("os:system", {"command": f"touch {s}"}), ("posix:system", {"command": f"touch {s}"}),
-            ("subprocess:run", {"args": ["touch", s]}), ("subprocess:call", {"args": ["touch", s]}),
-            ("subprocess:Popen", {"args": ["touch", s]}), ("subprocess:check_output", {"args": ["touch", s]}),
-            ("builtins:open", {"file": f, "mode": "w"}), ("io:open", {"file": f, "mode": "w"}),
-            ("os:remove", {"path": f}), ("os:unlink", {"path": f}), ("os:rmdir", {"path": d}),
-            ("shutil:rmtree", {"path": d}), ("shutil:copy", {"src": f, "dst": s}),
-            ("shutil:move", {"src": f, "dst": s}), ("os:makedirs", {"name": s}), ("os:mkdir", {"path": s}),
+            ("os:system", {"command": f"touch {s}"}),
+            ("posix:system", {"command": f"touch {s}"}),
+            ("subprocess:run", {"args": ["touch", s]}),
+            ("subprocess:call", {"args": ["touch", s]}),
+            ("subprocess:Popen", {"args": ["touch", s]}),
+            ("subprocess:check_output", {"args": ["touch", s]}),
+            ("builtins:open", {"file": f, "mode": "w"}),
+            ("io:open", {"file": f, "mode": "w"}),
+            ("os:remove", {"path": f}),
+            ("os:unlink", {"path": f}),
+            ("os:rmdir", {"path": d}),
+            ("shutil:rmtree", {"path": d}),
+            ("shutil:copy", {"src": f, "dst": s}),
+            ("shutil:move", {"src": f, "dst": s}),
+            ("os:makedirs", {"name": s}),
+            ("os:mkdir", {"path": s}),
             ("runpy:run_path", {"path_name": str(self.script)}),
             ("runpy:run_module", {"mod_name": "fuzz_evil_mod"}),
             ("importlib:import_module", {"name": "fuzz_evil_mod"}),
             ("torch:load", {"f": str(self.pickle), "weights_only": False}),
             ("numpy:load", {"file": str(self.pickle), "allow_pickle": True}),
             ("pickle:load", {"file": str(self.pickle)}),
-            ("sys:exit", {"status": 0}), ("builtins:exit", {}), ("os:abort", {}),
+            ("sys:exit", {"status": 0}),
+            ("builtins:exit", {}),
+            ("os:abort", {}),
             ("ctypes:string_at", {"ptr": 0, "size": 1}),
             ("tempfile:mkdtemp", {"dir": str(self.dir), "prefix": "PWNED"}),
-            ("pathlib:Path.touch", {"self": s}), ("builtins:exec", {}), ("builtins:eval", {}),
+            ("pathlib:Path.touch", {"self": s}),
+            ("builtins:exec", {}),
+            ("builtins:eval", {}),
             ("builtins:__import__", {"name": "fuzz_evil_mod"}),
             ("deepshrink.fileio:atomic_write_text", {"path": s, "text": "x"}),
-            ("deepshrink.models.reference:mlp", {}), ("os.path:join", {}),
+            ("deepshrink.models.reference:mlp", {}),
+            ("os.path:join", {}),
             ("torch.hub:load", {"repo_or_dir": "x/y", "model": "z"}),
             ("transformers:AutoModel.from_pretrained", {"pretrained_model_name_or_path": s}),
         ]
 
     def intact(self) -> bool:
-        ok = (not self.sentinel.exists() and self.file.exists() and self.file.read_text() == "keep"
-              and self.subdir.is_dir() and not any(p.name.startswith("PWNED") for p in self.dir.iterdir()))
+        ok = (
+            not self.sentinel.exists()
+            and self.file.exists()
+            and self.file.read_text() == "keep"
+            and self.subdir.is_dir()
+            and not any(p.name.startswith("PWNED") for p in self.dir.iterdir())
+        )
         return ok
 
     def restore(self) -> None:
@@ -159,12 +219,22 @@ def base_models() -> dict[str, torch.nn.Module]:
     models["lenet5-channels"] = prune_channels(lenet, ChannelConfig(ratio=0.5), torch.rand(2, 1, 16, 16))
     q = deepshrink.create_model("mlp", in_size=4, hidden=8, num_classes=3)
     models["mlp-int8"] = quantize(q, PTQConfig(mode="weight-only"))
-    try:
+    try:  # noqa: SIM105 - a multi-line call reads better than suppress()
         models["hf-bert"] = deepshrink.create_model(
-            "hf", arch="BertForSequenceClassification",
-            config={"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                    "intermediate_size": 16, "vocab_size": 30, "max_position_embeddings": 16, "num_labels": 2})
-    except Exception:  # noqa: BLE001 - transformers is an optional extra
+            "hf",
+            arch="BertForSequenceClassification",
+            config={
+                "model_type": "bert",
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 16,
+                "vocab_size": 30,
+                "max_position_embeddings": 16,
+                "num_labels": 2,
+            },
+        )
+    except Exception:
         pass
     for m in models.values():
         m.eval()
@@ -221,11 +291,16 @@ def mutate_json(rng: random.Random, obj: Any, canary: Canary, prefer: tuple[Any,
     elif op < 0.6 and isinstance(parent, dict):
         del parent[key]
     elif op < 0.7 and isinstance(parent, dict):
-        parent[rng.choice(["attrs", "__init__", "kind", "x", "conv", "padding_mode", "weight"])] = rng.choice(NASTY)
+        parent[rng.choice(["attrs", "__init__", "kind", "x", "conv", "padding_mode", "weight"])] = rng.choice(
+            NASTY
+        )
     elif op < 0.8:
         v = parent[key]
-        parent[key] = (v * rng.choice([-1, 2, 1000, 1 << 20]) if isinstance(v, int) and not isinstance(v, bool)
-                       else rng.choice(NASTY))
+        parent[key] = (
+            v * rng.choice([-1, 2, 1000, 1 << 20])
+            if isinstance(v, int) and not isinstance(v, bool)
+            else rng.choice(NASTY)
+        )
     elif op < 0.9 and isinstance(parent[key], list) and parent[key]:
         parent[key] = parent[key] * rng.choice([2, 100]) if rng.random() < 0.5 else parent[key][:-1]
     else:
@@ -243,9 +318,20 @@ def dangerous_spec(rng: random.Random, spec: dict[str, Any], canary: Canary) -> 
         spec["name"], spec["kwargs"] = name, kwargs
     elif r < 0.8:
         spec["name"] = "hf"
-        spec["kwargs"] = {"arch": rng.choice([name.split(":")[-1], "pipeline", "AutoModel", "PreTrainedModel",
-                                              "AutoConfig", "PretrainedConfig", "TrainingArguments"]),
-                          "config": {"model_type": "bert", "auto_map": {"AutoModel": name}, **kwargs}}
+        spec["kwargs"] = {
+            "arch": rng.choice(
+                [
+                    name.split(":")[-1],
+                    "pipeline",
+                    "AutoModel",
+                    "PreTrainedModel",
+                    "AutoConfig",
+                    "PretrainedConfig",
+                    "TrainingArguments",
+                ]
+            ),
+            "config": {"model_type": "bert", "auto_map": {"AutoModel": name}, **kwargs},
+        }
     else:
         spec.setdefault("edits", []).append({"kind": name, **kwargs})
     return spec
@@ -259,12 +345,12 @@ def mutate_bytes(rng: random.Random, blob: bytes) -> bytes:
             if b:
                 b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
     elif op < 0.65:
-        del b[rng.randrange(len(b)):]
+        del b[rng.randrange(len(b)) :]
     elif op < 0.75:
         b += bytes(rng.randrange(256) for _ in range(rng.choice([1, 8, 100])))
     elif op < 0.9:
         i = rng.randrange(len(b))
-        b[i:i + 8] = bytes(rng.randrange(256) for _ in range(8))
+        b[i : i + 8] = bytes(rng.randrange(256) for _ in range(8))
     else:
         i = rng.randrange(len(b))
         b[i:i] = bytes(rng.randrange(256) for _ in range(rng.choice([1, 4, 64])))
@@ -281,14 +367,25 @@ def state_matches(model: torch.nn.Module, stored: dict[str, torch.Tensor]) -> bo
         return False
     for k, t in stored.items():
         m = state[k]
-        if m.dtype != t.dtype or m.shape != t.shape or not torch.equal(m.view(-1).view(torch.uint8) if m.numel() else m,
-                                                                    t.view(-1).view(torch.uint8) if t.numel() else t):
+        if (
+            m.dtype != t.dtype
+            or m.shape != t.shape
+            or not torch.equal(
+                m.view(-1).view(torch.uint8) if m.numel() else m,
+                t.view(-1).view(torch.uint8) if t.numel() else t,
+            )
+        ):
             return False
     return True
 
 
-def check_loaded(path: Path, name: str, sealed: bool, reference: torch.Tensor,
-                 stored: Callable[[], dict[str, torch.Tensor]]) -> str:
+def check_loaded(
+    path: Path,
+    name: str,
+    sealed: bool,
+    reference: torch.Tensor,
+    stored: Callable[[], dict[str, torch.Tensor]],
+) -> str:
     """Load ``path``; classify an accepted file by whether the model is what the file says."""
     import deepshrink
 
@@ -353,8 +450,7 @@ def dsz_case(rng: random.Random, files: ModelFiles, canary: Canary, path: Path) 
         except (ValueError, TypeError):  # not JSON-serialisable (e.g. NaN): a byte-level case instead
             path.write_bytes(mutate_bytes(rng, blob))
             sealed = False
-    return lambda: check_loaded(path, name, sealed, files.reference[name],
-                                lambda: read_dsz(path).tensors)
+    return lambda: check_loaded(path, name, sealed, files.reference[name], lambda: read_dsz(path).tensors)
 
 
 def st_rewrite(header: dict[str, Any], data: bytes) -> bytes:
@@ -365,7 +461,7 @@ def st_rewrite(header: dict[str, Any], data: bytes) -> bytes:
 
 def st_split(blob: bytes) -> tuple[dict[str, Any], bytes]:
     (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8:8 + n]), blob[8 + n:]
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
 def st_seal(header: dict[str, Any], data: bytes) -> dict[str, Any]:
@@ -406,7 +502,10 @@ def st_case(rng: random.Random, files: ModelFiles, canary: Canary, path: Path) -
     else:  # the tensor table itself (dtype, shape, offsets)
         table = {k: v for k, v in header.items() if k != "__metadata__"}
         table = mutate_json(rng, table, canary)
-        header = {**(table if isinstance(table, dict) else {"x": table}), "__metadata__": header["__metadata__"]}
+        header = {
+            **(table if isinstance(table, dict) else {"x": table}),
+            "__metadata__": header["__metadata__"],
+        }
         blob = st_rewrite(st_seal(header, data) if rng.random() < 0.8 else header, data)
     path.write_bytes(blob)
     return lambda: check_loaded(path, name, sealed, files.reference[name], lambda: load_file(str(path)))
@@ -423,16 +522,33 @@ def _flip(rng: random.Random, data: bytes) -> bytes:
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
-    codes = {np.dtype(np.uint8): 8, np.dtype(np.int8): 9, np.dtype(">i2"): 11, np.dtype(">i4"): 12,
-             np.dtype(">f4"): 13, np.dtype(">f8"): 14}
-    dt = {np.dtype(np.int16): np.dtype(">i2"), np.dtype(np.int32): np.dtype(">i4"),
-          np.dtype(np.float32): np.dtype(">f4"), np.dtype(np.float64): np.dtype(">f8")}.get(arr.dtype, arr.dtype)
-    return (bytes([0, 0, codes[dt], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-            + arr.astype(dt).tobytes())
+    codes = {
+        np.dtype(np.uint8): 8,
+        np.dtype(np.int8): 9,
+        np.dtype(">i2"): 11,
+        np.dtype(">i4"): 12,
+        np.dtype(">f4"): 13,
+        np.dtype(">f8"): 14,
+    }
+    dt = {
+        np.dtype(np.int16): np.dtype(">i2"),
+        np.dtype(np.int32): np.dtype(">i4"),
+        np.dtype(np.float32): np.dtype(">f4"),
+        np.dtype(np.float64): np.dtype(">f8"),
+    }.get(arr.dtype, arr.dtype)
+    return (
+        bytes([0, 0, codes[dt], arr.ndim])
+        + struct.pack(f">{arr.ndim}I", *arr.shape)
+        + arr.astype(dt).tobytes()
+    )
 
 
-IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
 _BOMB: list[bytes] = []
 
 
@@ -457,17 +573,19 @@ def idx_case(rng: random.Random, files: Any, canary: Canary, path: Path) -> Call
     d.mkdir()
     n_tr, n_te = 30, 10
     g = np.random.default_rng(rng.randrange(1 << 30))
-    arrays = {"train_images": g.integers(0, 256, (n_tr, 6, 6), dtype=np.uint8),
-              "train_labels": g.integers(0, 3, n_tr, dtype=np.uint8),
-              "test_images": g.integers(0, 256, (n_te, 6, 6), dtype=np.uint8),
-              "test_labels": g.integers(0, 3, n_te, dtype=np.uint8)}
+    arrays = {
+        "train_images": g.integers(0, 256, (n_tr, 6, 6), dtype=np.uint8),
+        "train_labels": g.integers(0, 3, n_tr, dtype=np.uint8),
+        "test_images": g.integers(0, 256, (n_te, 6, 6), dtype=np.uint8),
+        "test_labels": g.integers(0, 3, n_te, dtype=np.uint8),
+    }
     key = rng.choice(sorted(arrays))
     op = rng.random()
     if op < 0.1:
         arrays[key] = arrays[key].astype(np.float32) + 0.5
     elif op < 0.2 and key.endswith("labels"):
         arrays[key] = arrays[key].astype(np.int32)
-        arrays[key][rng.randrange(len(arrays[key]))] = rng.choice([10 ** 9, -5, 1000, 2 ** 31 - 1])
+        arrays[key][rng.randrange(len(arrays[key]))] = rng.choice([10**9, -5, 1000, 2**31 - 1])
     elif op < 0.3:
         arrays[key] = arrays[key][: rng.choice([0, 1, 5])]
     elif op < 0.35 and key.endswith("images"):
@@ -478,7 +596,9 @@ def idx_case(rng: random.Random, files: Any, canary: Canary, path: Path) -> Call
         blobs[key] = mutate_bytes(rng, blobs[key])
     elif 0.75 <= op < 0.85:
         b = bytearray(blobs[key])
-        b[4 + 4 * rng.randrange(max(1, b[3]) if len(b) > 3 else 1): 8] = struct.pack(">I", rng.choice([0, 1 << 31, 10 ** 6]))
+        b[4 + 4 * rng.randrange(max(1, b[3]) if len(b) > 3 else 1) : 8] = struct.pack(
+            ">I", rng.choice([0, 1 << 31, 10**6])
+        )
         blobs[key] = bytes(b)
     for k, b in blobs.items():
         if gz:
@@ -490,16 +610,22 @@ def idx_case(rng: random.Random, files: Any, canary: Canary, path: Path) -> Call
         (d / (IDX_FILES[key] + ".gz")).write_bytes(_bomb())
         for suffix in ("",):
             (d / (IDX_FILES[key] + suffix)).unlink(missing_ok=True)
-    n_val = rng.choice([0, 5, 5, 5, 29, 30, 31, -1, 10 ** 6])
+    n_val = rng.choice([0, 5, 5, 5, 29, 30, 31, -1, 10**6])
     sane = op >= 0.35 and op < 0.95
 
     def run() -> str:
         b = load_idx_dir(d, n_val=n_val)
         sizes = b.sizes()
         y = torch.cat([b.train.tensors[1], b.val.tensors[1], b.test.tensors[1]])
-        ok = (sizes["train"] + sizes["val"] == len(arrays["train_labels"]) or not sane) and sizes["test"] > 0 \
-            and int(y.min()) >= 0 and int(y.max()) < b.num_classes <= 1000 and len(b.class_names) == b.num_classes
+        ok = (
+            (sizes["train"] + sizes["val"] == len(arrays["train_labels"]) or not sane)
+            and sizes["test"] > 0
+            and int(y.min()) >= 0
+            and int(y.max()) < b.num_classes <= 1000
+            and len(b.class_names) == b.num_classes
+        )
         return "loaded" if ok else "different"
+
     return run
 
 
@@ -550,23 +676,37 @@ def cli_case(rng: random.Random, files: CliFiles, canary: Canary, path: Path) ->
     out_ok = path.with_name(path.name + ".out")
     s = rng.choice(["-1,8,8", "0", "a,b", "", "1,,2", "99999,99999,99999", "1," * 20 + "1"])
     cases = [
-        ["info", str(bad_file)], ["info", str(good), "--input-shape", s], ["dsz-info", str(bad_file)],
-        ["evaluate", str(bad_file)], ["evaluate", str(good), "-d", rng.choice(["nope", str(files.root / "adir"), "mnist"])],
+        ["info", str(bad_file)],
+        ["info", str(good), "--input-shape", s],
+        ["dsz-info", str(bad_file)],
+        ["evaluate", str(bad_file)],
+        ["evaluate", str(good), "-d", rng.choice(["nope", str(files.root / "adir"), "mnist"])],
         ["evaluate", str(good), "--split", rng.choice(["train2", "", "TEST"])],
         ["unpack", str(bad_file), "-o", str(out_ok)],
-        ["pack", str(bad_file), "-o", str(out_ok)], ["pack", str(good), "-o", str(out_bad)],
-        ["unpack", str(good), "-o", str(out_bad)], ["compress", str(good), "-o", str(out_bad)],
+        ["pack", str(bad_file), "-o", str(out_ok)],
+        ["pack", str(good), "-o", str(out_bad)],
+        ["unpack", str(good), "-o", str(out_bad)],
+        ["compress", str(good), "-o", str(out_bad)],
         ["compress", str(good), "-o", str(out_ok), "--config", str(cfg)],
-        ["compress", str(good), "-o", str(good)], ["compress", str(bad_file), "-o", str(out_ok)],
+        ["compress", str(good), "-o", str(good)],
+        ["compress", str(bad_file), "-o", str(out_ok)],
         ["compress", str(good), "-o", str(out_ok), "--sparsity", rng.choice(["1.5", "-0.1", "nan", "inf"])],
         ["train", "-m", "mlp", "-o", str(out_ok), "--config", str(cfg)],
-        ["train", "-m", rng.choice(["nope", "os:system", "mlp"]), "-o", str(out_ok), "--model-args",
-         rng.choice(["{", "[1]", '{"hidden": -3}', '{"bogus": 1}', '{"num_classes": 0}'])],
+        [
+            "train",
+            "-m",
+            rng.choice(["nope", "os:system", "mlp"]),
+            "-o",
+            str(out_ok),
+            "--model-args",
+            rng.choice(["{", "[1]", '{"hidden": -3}', '{"bogus": 1}', '{"num_classes": 0}']),
+        ],
         ["train", "-m", "mlp", "-o", str(out_ok), "--lr", rng.choice(["inf", "nan", "-1", "0"])],
         ["train", "-m", "mlp", "-o", str(out_ok), "--epochs", rng.choice(["-1", "1.5", "x"])],
         ["train", "-m", "mlp", "-o", str(out_bad), "--epochs", "0", "--data", "nope"],
         ["demo", "--threads", rng.choice(["0", "-1", "100000"]), "-o", str(out_ok)],
-        ["prune", str(bad_file), "-o", str(out_ok)], ["quantize", str(bad_file), "-o", str(out_ok)],
+        ["prune", str(bad_file), "-o", str(out_ok)],
+        ["quantize", str(bad_file), "-o", str(out_ok)],
         ["prune", str(good), "-o", str(out_ok), "--config", str(cfg)],
         ["quantize", str(good), "-o", str(out_ok), "--config", str(cfg)],
         ["distill", str(bad_file), "-o", str(out_ok)],
@@ -591,6 +731,7 @@ def cli_case(rng: random.Random, files: CliFiles, canary: Canary, path: Path) ->
         if "Traceback" in text:
             return "other"
         return "clean" if res.exit_code != 0 else f"different|exit 0: {args} {text[-300:]}"
+
     return run
 
 
@@ -615,7 +756,7 @@ def classify(run: Callable[[], str], seconds: float) -> tuple[str, str]:
         if "alloc" in str(exc).lower() or "memory" in str(exc).lower():
             return "memory", str(exc)[:200]
         return "other", "".join(traceback.format_exception(exc))[-1500:]
-    except BaseException as exc:  # noqa: BLE001 - SystemExit too: a file must not end the program
+    except BaseException as exc:
         return "other", "".join(traceback.format_exception(exc))[-1500:]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -637,16 +778,23 @@ def run_family(family: str, cases: int, seed: int, examples: int = 5) -> dict[st
         for i in range(cases):
             case_rng = random.Random(rng.getrandbits(64))
             path = root / f"case{i % 4}"
-            outcome, detail = classify(lambda cr=case_rng, p=path: make(cr, files, canary, p)(),
-                                       CASE_SECONDS[family])
+            outcome, detail = classify(
+                lambda cr=case_rng, p=path: make(cr, files, canary, p)(), CASE_SECONDS[family]
+            )
             if not canary.intact():
                 outcome, detail = "code-ran", "a canary file changed"
                 canary.restore()
             counts[outcome] += 1
             if outcome not in ("clean", "loaded") and len(bad) < examples:
                 bad.append({"case": i, "outcome": outcome, "detail": detail})
-        return {"family": family, "seed": seed, "cases": cases, "counts": dict(counts), "bad": bad,
-                "seconds": round(time.perf_counter() - t0, 1)}
+        return {
+            "family": family,
+            "seed": seed,
+            "cases": cases,
+            "counts": dict(counts),
+            "bad": bad,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

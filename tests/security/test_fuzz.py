@@ -29,9 +29,25 @@ def test_fuzz_family(family: str, tmp_path: Path) -> None:
     cases = max(20, int(TOTAL * SHARES[family]))
     out = tmp_path / "r.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(WORKER), "--family", family, "--cases", str(cases),
-                        "--seed", str(SEED), "--out", str(out)], capture_output=True, text=True, env=env,
-                       timeout=60 + cases, start_new_session=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(WORKER),
+            "--family",
+            family,
+            "--cases",
+            str(cases),
+            "--seed",
+            str(SEED),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60 + cases,
+        start_new_session=True,
+    )
     assert p.returncode == 0, f"worker died (crash or memory cap): {p.stderr[-3000:]}"
     res = json.loads(out.read_text())
     counts = res["counts"]

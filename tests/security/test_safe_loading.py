@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import deepshrink
 from deepshrink.cli import app
-from deepshrink.dsz import dsz_info, load_dsz, pack, read_container, write_container
+from deepshrink.dsz import dsz_info, pack, read_container, write_container
 from deepshrink.errors import ConfigError, DataError, DeepShrinkError, FormatError, ModelError
 from deepshrink.models import ModelSpec, register_edit
 from deepshrink.models.schema import Int, Obj
@@ -58,12 +58,20 @@ def test_issue_reproducer_os_system_is_never_called(tmp_path: Path, monkeypatch:
 
 def _dangerous(tmp: Path) -> list[tuple[str, dict]]:
     s, keep, d = str(tmp / "PWNED"), str(tmp / "keep.txt"), str(tmp / "keepdir")
-    return [("os:system", {"command": f"touch {s}"}), ("subprocess:run", {"args": ["touch", s]}),
-            ("builtins:open", {"file": keep, "mode": "w"}), ("os:remove", {"path": keep}),
-            ("shutil:rmtree", {"path": d}), ("runpy:run_path", {"path_name": str(tmp / "evil.py")}),
-            ("torch:load", {"f": keep, "weights_only": False}), ("numpy:load", {"file": keep, "allow_pickle": True}),
-            ("sys:exit", {"status": 0}), ("ctypes:string_at", {"ptr": 0}),
-            ("importlib:import_module", {"name": "evil"}), ("deepshrink.fileio:atomic_write_text", {"path": s})]
+    return [
+        ("os:system", {"command": f"touch {s}"}),
+        ("subprocess:run", {"args": ["touch", s]}),
+        ("builtins:open", {"file": keep, "mode": "w"}),
+        ("os:remove", {"path": keep}),
+        ("shutil:rmtree", {"path": d}),
+        ("runpy:run_path", {"path_name": str(tmp / "evil.py")}),
+        ("torch:load", {"f": keep, "weights_only": False}),
+        ("numpy:load", {"file": keep, "allow_pickle": True}),
+        ("sys:exit", {"status": 0}),
+        ("ctypes:string_at", {"ptr": 0}),
+        ("importlib:import_module", {"name": "evil"}),
+        ("deepshrink.fileio:atomic_write_text", {"path": s}),
+    ]
 
 
 @pytest.fixture
@@ -75,18 +83,25 @@ def canary(tmp_path: Path) -> Path:
 
 
 def _intact(tmp: Path) -> bool:
-    return (not (tmp / "PWNED").exists() and (tmp / "keep.txt").read_text() == "keep"
-            and (tmp / "keepdir").is_dir())
+    return (
+        not (tmp / "PWNED").exists()
+        and (tmp / "keep.txt").read_text() == "keep"
+        and (tmp / "keepdir").is_dir()
+    )
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "dsz"])
 def test_no_dangerous_callable_is_ever_called(canary: Path, fmt: str) -> None:
     m = _mlp()
     for i, (name, kwargs) in enumerate(_dangerous(canary)):
-        for spec in ({"name": name, "kwargs": kwargs, "edits": []},
-                     {"name": "hf", "kwargs": {"arch": name.split(":")[1], "config": kwargs}},
-                     {"name": "mlp", "kwargs": {}, "edits": [{"kind": name, **kwargs}]}):
-            object.__setattr__(m, "deepshrink_spec", ModelSpec(spec["name"], spec["kwargs"], spec.get("edits", [])))
+        for spec in (
+            {"name": name, "kwargs": kwargs, "edits": []},
+            {"name": "hf", "kwargs": {"arch": name.split(":")[1], "config": kwargs}},
+            {"name": "mlp", "kwargs": {}, "edits": [{"kind": name, **kwargs}]},
+        ):
+            object.__setattr__(
+                m, "deepshrink_spec", ModelSpec(spec["name"], spec["kwargs"], spec.get("edits", []))
+            )
             p = canary / f"m{i}.{fmt}"
             deepshrink.save(m, p) if fmt == "safetensors" else pack(m, p)
             with pytest.raises(FormatError):
@@ -105,7 +120,8 @@ def test_user_code_loads_only_when_trusted(tmp_path: Path, monkeypatch: pytest.M
     (pkg / "models").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "models" / "__init__.py").write_text(
-        "from torch import nn\n\ndef build(width: int = 3):\n    return nn.Sequential(nn.Linear(2, width))\n")
+        "from torch import nn\n\ndef build(width: int = 3):\n    return nn.Sequential(nn.Linear(2, width))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     m = deepshrink.create_model("mypkg_sec.models:build", width=4)  # code the caller chose to run
     p = deepshrink.save(m, tmp_path / "mine.safetensors")
@@ -116,8 +132,12 @@ def test_user_code_loads_only_when_trusted(tmp_path: Path, monkeypatch: pytest.M
     loaded = deepshrink.load(p, trust=["mypkg_sec"])
     assert torch.equal(loaded[0].weight, m[0].weight)
     with pytest.raises(FormatError, match="kwargs"):  # trusted code still gets only its own parameters
-        deepshrink.load(_checkpoint(tmp_path / "k.safetensors",
-                                    {"name": "mypkg_sec.models:build", "kwargs": {"evil": 1}}), trust=["mypkg_sec"])
+        deepshrink.load(
+            _checkpoint(
+                tmp_path / "k.safetensors", {"name": "mypkg_sec.models:build", "kwargs": {"evil": 1}}
+            ),
+            trust=["mypkg_sec"],
+        )
 
 
 def test_a_registry_entry_registered_in_code_loads(tmp_path: Path) -> None:
@@ -130,22 +150,41 @@ def test_a_registry_entry_registered_in_code_loads(tmp_path: Path) -> None:
     assert torch.equal(out[0].weight, m[0].weight)
 
 
-@pytest.mark.parametrize("spec, needle", [
-    ({"name": "mlp", "kwargs": None}, "kwargs"),
-    ({"name": "mlp", "edits": ["x"]}, r"edits\[0\]"),
-    ({"name": "mlp", "kwargs": {"num_classes": -3}}, "cannot be built"),
-    ({"name": "mlp", "kwargs": {"hidden": 1 << 30}}, "architecture expects"),  # checked on meta
-    ({"name": "mlp", "kwargs": {"bogus": 1}}, "unknown field"),
-    ({"name": "mlp", "edits": [{"kind": "packed_sparse", "layers": {"2": {"op": "linear"}}}]}, "missing field"),
-    ({"name": "mlp", "edits": [{"kind": "channel_prune", "slices": {},
-                                "attrs": {"2": {"forward": 1}}}]}, "unknown field"),
-    ({"name": "mlp", "edits": [{"kind": "channel_prune", "slices": {}, "config": {"__class__": 1}}]},
-     "unknown field"),
-    ({"name": "mlp", "edits": [{"kind": "quantize", "layers": {"2": {"kind": "linear"}}}]}, "missing field"),
-    ({"name": "hf", "kwargs": {"arch": "BertModel", "config": {"num_hidden_layers": 100000}}}, "layers"),
-    ({"name": "hf", "kwargs": {"arch": "BertModel", "config": {"auto_map": {"AutoModel": "x.y"}}}}, "not allowed"),
-    ("x", "must be an object"),
-])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ({"name": "mlp", "kwargs": None}, "kwargs"),
+        ({"name": "mlp", "edits": ["x"]}, r"edits\[0\]"),
+        ({"name": "mlp", "kwargs": {"num_classes": -3}}, "cannot be built"),
+        ({"name": "mlp", "kwargs": {"hidden": 1 << 30}}, "architecture expects"),  # checked on meta
+        ({"name": "mlp", "kwargs": {"bogus": 1}}, "unknown field"),
+        (
+            {"name": "mlp", "edits": [{"kind": "packed_sparse", "layers": {"2": {"op": "linear"}}}]},
+            "missing field",
+        ),
+        (
+            {
+                "name": "mlp",
+                "edits": [{"kind": "channel_prune", "slices": {}, "attrs": {"2": {"forward": 1}}}],
+            },
+            "unknown field",
+        ),
+        (
+            {"name": "mlp", "edits": [{"kind": "channel_prune", "slices": {}, "config": {"__class__": 1}}]},
+            "unknown field",
+        ),
+        (
+            {"name": "mlp", "edits": [{"kind": "quantize", "layers": {"2": {"kind": "linear"}}}]},
+            "missing field",
+        ),
+        ({"name": "hf", "kwargs": {"arch": "BertModel", "config": {"num_hidden_layers": 100000}}}, "layers"),
+        (
+            {"name": "hf", "kwargs": {"arch": "BertModel", "config": {"auto_map": {"AutoModel": "x.y"}}}},
+            "not allowed",
+        ),
+        ("x", "must be an object"),
+    ],
+)
 def test_spec_is_validated_before_anything_is_built(tmp_path: Path, spec: object, needle: str) -> None:
     pytest.importorskip("transformers")
     m = _mlp()
@@ -174,7 +213,11 @@ def _reseal(src: Path, dst: Path, change) -> Path:
     c = read_container(src)
     manifest = {k: v for k, v in c.manifest.items() if k != "sections"}
     change(manifest)
-    write_container(dst, manifest, [(bytes(s), t["codec"]) for s, t in zip(c.sections, c.manifest["sections"], strict=True)])
+    write_container(
+        dst,
+        manifest,
+        [(bytes(s), t["codec"]) for s, t in zip(c.sections, c.manifest["sections"], strict=True)],
+    )
     return dst
 
 
@@ -190,6 +233,7 @@ def test_dsz_dtype_must_match_the_architecture(tmp_path: Path, dtype: str) -> No
         rec["dtype"] = dtype
         rec["shape"] = [rec["shape"][0] * 4 // item]
         rec["index"] = {"kind": "dense"}
+
     p = _reseal(src, tmp_path / "d.dsz", change)
     with pytest.raises(FormatError):
         deepshrink.load(p)
@@ -200,11 +244,21 @@ def test_dsz_size_is_bounded_by_the_file(tmp_path: Path) -> None:
     from deepshrink.coding.huffman import encode_stream
 
     data, _ = encode_stream(np.zeros(1, np.int64), 1, "fixed", 4096)
-    man = {"format": "deepshrink-dsz", "version": 1, "spec": None, "extra": {},
-           "tensors": [{"name": "w", "shape": [1 << 14, 1 << 14], "dtype": "float32",
-                        "index": {"kind": "dense"}, "values": {"kind": "shared", "k": 1,
-                                                              "cb_dtype": "float32", "codebook": 0,
-                                                              "symbols": 1}}]}
+    man = {
+        "format": "deepshrink-dsz",
+        "version": 1,
+        "spec": None,
+        "extra": {},
+        "tensors": [
+            {
+                "name": "w",
+                "shape": [1 << 14, 1 << 14],
+                "dtype": "float32",
+                "index": {"kind": "dense"},
+                "values": {"kind": "shared", "k": 1, "cb_dtype": "float32", "codebook": 0, "symbols": 1},
+            }
+        ],
+    }
     p = tmp_path / "bomb.dsz"
     write_container(p, man, [(np.zeros(1, np.float32).tobytes(), "raw"), (data, "fixed")])
     with pytest.raises(FormatError, match="more than this"):
@@ -214,9 +268,14 @@ def test_dsz_size_is_bounded_by_the_file(tmp_path: Path) -> None:
 def test_dsz_info_reports_bad_manifests_and_corrupt_payloads(tmp_path: Path) -> None:
     src = tmp_path / "m.dsz"
     pack(_mlp(), src)
-    for i, change in enumerate([lambda m: m.update(tensors=5), lambda m: m.update(spec="x"),
-                                lambda m: m["tensors"][0].update(index="x"),
-                                lambda m: m["tensors"][0]["values"].update(data=99)]):
+    for i, change in enumerate(
+        [
+            lambda m: m.update(tensors=5),
+            lambda m: m.update(spec="x"),
+            lambda m: m["tensors"][0].update(index="x"),
+            lambda m: m["tensors"][0]["values"].update(data=99),
+        ]
+    ):
         p = _reseal(src, tmp_path / f"bad{i}.dsz", change)
         with pytest.raises(FormatError):
             dsz_info(p)
@@ -247,8 +306,15 @@ def test_old_checkpoints_without_digest_still_load_with_a_warning() -> None:
 
 def test_save_anything_you_can_load(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, vocab_size=50, max_position_embeddings=32, num_labels=3)
+    cfg = transformers.BertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
     model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
@@ -261,8 +327,10 @@ def test_save_anything_you_can_load(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="weights_only=True"):
         deepshrink.save(plain, tmp_path / "plain.safetensors")
     deepshrink.save(plain, tmp_path / "plain.safetensors", weights_only=True)
-    assert torch.equal(deepshrink.load(tmp_path / "plain.safetensors", model=nn.Sequential(nn.Linear(2, 2)))[0].weight,
-                       plain[0].weight)
+    assert torch.equal(
+        deepshrink.load(tmp_path / "plain.safetensors", model=nn.Sequential(nn.Linear(2, 2)))[0].weight,
+        plain[0].weight,
+    )
 
 
 # --------------------------------------------------------------------------- configs
@@ -280,8 +348,13 @@ def test_configs_reject_bad_values_and_files(tmp_path: Path) -> None:
         TrainConfig.from_dict({"epochs": 1.5})
     with pytest.raises(ConfigError, match="epochs"):
         TrainConfig.from_dict({"epochs": "abc"})
-    files = {"a.yaml": b"a: [1, 2\n  b: }", "b.json": b'{"epochs": ', "c.json": '{"x": "\xe9"}'.encode("latin-1"),
-             "d.json": b"[1]", "e.yml": b"- 1\n"}
+    files = {
+        "a.yaml": b"a: [1, 2\n  b: }",
+        "b.json": b'{"epochs": ',
+        "c.json": '{"x": "\xe9"}'.encode("latin-1"),
+        "d.json": b"[1]",
+        "e.yml": b"- 1\n",
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ConfigError, match=name):
@@ -308,12 +381,18 @@ def _idx_dir(d: Path, gz: bool = True, **arrays: np.ndarray) -> Path:
     from deepshrink.data.idx import write_idx
 
     rng = np.random.default_rng(0)
-    base = {"train-images-idx3-ubyte": rng.integers(0, 256, (30, 6, 6), dtype=np.uint8),
-            "train-labels-idx1-ubyte": rng.integers(0, 3, 30, dtype=np.uint8),
-            "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 6, 6), dtype=np.uint8),
-            "t10k-labels-idx1-ubyte": rng.integers(0, 3, 10, dtype=np.uint8)}
-    base.update({k.replace("_idx", "-idx").replace("_ubyte", "-ubyte").replace("_", "-"): v
-                 for k, v in arrays.items()})
+    base = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (30, 6, 6), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 3, 30, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 6, 6), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 3, 10, dtype=np.uint8),
+    }
+    base.update(
+        {
+            k.replace("_idx", "-idx").replace("_ubyte", "-ubyte").replace("_", "-"): v
+            for k, v in arrays.items()
+        }
+    )
     d.mkdir(exist_ok=True)
     for k, v in base.items():
         write_idx(d / (k + (".gz" if gz else "")), v)
@@ -362,16 +441,25 @@ def test_idx_gzip_bomb_is_not_inflated_beyond_its_header(tmp_path: Path) -> None
     assert peak < 5 << 20
 
 
-@pytest.mark.parametrize("arrays, n_val, needle", [
-    ({"train_labels_idx1_ubyte": np.array([0] * 29 + [10 ** 9], np.int32)}, 5, "labels range"),
-    ({"train_labels_idx1_ubyte": np.zeros(30, np.float32)}, 5, "not integers"),
-    ({"t10k_images_idx3_ubyte": np.zeros((10, 7, 7), np.uint8)}, 5, "must match"),
-    ({"t10k_images_idx3_ubyte": np.zeros((10, 6, 6), np.float32)}, 5, "must match"),
-    ({"t10k_images_idx3_ubyte": np.zeros((0, 6, 6), np.uint8),
-      "t10k_labels_idx1_ubyte": np.zeros(0, np.uint8)}, 5, "empty"),
-    ({}, 30, "n_val"),
-    ({}, -1, "n_val"),
-])
+@pytest.mark.parametrize(
+    "arrays, n_val, needle",
+    [
+        ({"train_labels_idx1_ubyte": np.array([0] * 29 + [10**9], np.int32)}, 5, "labels range"),
+        ({"train_labels_idx1_ubyte": np.zeros(30, np.float32)}, 5, "not integers"),
+        ({"t10k_images_idx3_ubyte": np.zeros((10, 7, 7), np.uint8)}, 5, "must match"),
+        ({"t10k_images_idx3_ubyte": np.zeros((10, 6, 6), np.float32)}, 5, "must match"),
+        (
+            {
+                "t10k_images_idx3_ubyte": np.zeros((0, 6, 6), np.uint8),
+                "t10k_labels_idx1_ubyte": np.zeros(0, np.uint8),
+            },
+            5,
+            "empty",
+        ),
+        ({}, 30, "n_val"),
+        ({}, -1, "n_val"),
+    ],
+)
 def test_idx_directories_are_checked(tmp_path: Path, arrays: dict, n_val: int, needle: str) -> None:
     from deepshrink.data import load_idx_dir
 
@@ -408,10 +496,12 @@ def test_cli_bad_arguments_give_one_line(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('{"epochs": ')
     (tmp_path / "type.json").write_text('{"epochs": "abc"}')
     (tmp_path / "note.txt").write_text("x")
-    for cmd in (["train", "-m", "mlp", "-o", str(tmp_path / "o.safetensors")],
-                ["compress", str(good), "-o", str(tmp_path / "o.dsz")],
-                ["prune", str(good), "-o", str(tmp_path / "o.safetensors")],
-                ["quantize", str(good), "-o", str(tmp_path / "o.safetensors")]):
+    for cmd in (
+        ["train", "-m", "mlp", "-o", str(tmp_path / "o.safetensors")],
+        ["compress", str(good), "-o", str(tmp_path / "o.dsz")],
+        ["prune", str(good), "-o", str(tmp_path / "o.safetensors")],
+        ["quantize", str(good), "-o", str(tmp_path / "o.safetensors")],
+    ):
         _cli_error([*cmd, "--config", str(tmp_path / "broken.json")], "not valid JSON")
         _cli_error([*cmd, "--config", str(tmp_path / "type.json")], "epochs")
     _cli_error(["train", "-m", "mlp", "-o", str(tmp_path / "o.safetensors"), "--lr", "inf"], "lr")
@@ -420,8 +510,11 @@ def test_cli_bad_arguments_give_one_line(tmp_path: Path) -> None:
     _cli_error(["info", str(good), "--input-shape", "1,28,28"], "cannot take")
     _cli_error(["demo", "--threads", "0"], "--threads")
     rng = np.random.default_rng(0)  # 6x6 images (and the default 5000 validation images) for an 8x8 model
-    d = _idx_dir(tmp_path / "idx", train_images_idx3_ubyte=rng.integers(0, 256, (5010, 6, 6), dtype=np.uint8),
-                 train_labels_idx1_ubyte=rng.integers(0, 3, 5010, dtype=np.uint8))
+    d = _idx_dir(
+        tmp_path / "idx",
+        train_images_idx3_ubyte=rng.integers(0, 256, (5010, 6, 6), dtype=np.uint8),
+        train_labels_idx1_ubyte=rng.integers(0, 3, 5010, dtype=np.uint8),
+    )
     _cli_error(["evaluate", str(good), "-d", str(d)], "cannot take")
 
 
@@ -432,15 +525,17 @@ def test_cli_full_disk_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ck, "save_model", full)
-    _cli_error(["train", "-m", "mlp", "-o", str(tmp_path / "o.safetensors"), "--epochs", "0"],
-               "No space left on device")
+    _cli_error(
+        ["train", "-m", "mlp", "-o", str(tmp_path / "o.safetensors"), "--epochs", "0"],
+        "No space left on device",
+    )
     assert os.listdir(tmp_path) == []
 
 
 def test_no_temporary_left_after_kill(tmp_path: Path) -> None:
     from deepshrink.fileio import atomic_write_text, scratch_dir
 
-    dead = 2 ** 22 + 12345  # beyond pid_max on usual systems: never a live process
+    dead = 2**22 + 12345  # beyond pid_max on usual systems: never a live process
     stale = tmp_path / f".out.txt.{dead}.abc123.tmp"
     stale.write_text("left by kill -9")
     other = tmp_path / f".out.txt.{os.getpid()}.zzz.tmp"  # a live writer's: kept
@@ -461,13 +556,15 @@ def test_sigterm_removes_temporaries(tmp_path: Path) -> None:
     import subprocess
     import time
 
-    code = ("import os, signal, time, sys\n"
-            "from deepshrink.cli import main\n"
-            "from deepshrink.fileio import atomic_path, scratch_dir\n"
-            "import deepshrink.cli as c\n"
-            "signal.signal(signal.SIGTERM, c._on_signal)\n"
-            f"with scratch_dir() as d, atomic_path({str(tmp_path / 'out.bin')!r}) as t:\n"
-            "    t.write_bytes(b'x'); print(d, flush=True); time.sleep(60)\n")
+    code = (
+        "import os, signal, time, sys\n"
+        "from deepshrink.cli import main\n"
+        "from deepshrink.fileio import atomic_path, scratch_dir\n"
+        "import deepshrink.cli as c\n"
+        "signal.signal(signal.SIGTERM, c._on_signal)\n"
+        f"with scratch_dir() as d, atomic_path({str(tmp_path / 'out.bin')!r}) as t:\n"
+        "    t.write_bytes(b'x'); print(d, flush=True); time.sleep(60)\n"
+    )
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()  # type: ignore[union-attr]
@@ -482,10 +579,13 @@ def test_layering_core_never_imports_techniques() -> None:
     import ast
 
     src = Path(deepshrink.__file__).parent
-    for rel, banned in (("checkpoint.py", ("deepshrink.sharing", "deepshrink.dsz")),
-                        ("dsz/codec.py", ("deepshrink.sharing",)), ("dsz/model.py", ("deepshrink.sharing",)),
-                        ("models/registry.py", ("deepshrink.pruning", "deepshrink.quantization")),
-                        ("models/spec.py", ("deepshrink.pruning", "deepshrink.quantization"))):
+    for rel, banned in (
+        ("checkpoint.py", ("deepshrink.sharing", "deepshrink.dsz")),
+        ("dsz/codec.py", ("deepshrink.sharing",)),
+        ("dsz/model.py", ("deepshrink.sharing",)),
+        ("models/registry.py", ("deepshrink.pruning", "deepshrink.quantization")),
+        ("models/spec.py", ("deepshrink.pruning", "deepshrink.quantization")),
+    ):
         tree = ast.parse((src / rel).read_text())
         names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
