@@ -182,14 +182,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _verify_digest(path: Path, header: dict[str, Any], data_off: int, meta: dict[str, Any]) -> None:
+    if META_KEY not in header.get("__metadata__", {}):
+        return  # a plain safetensors file: nothing of ours to verify
     want = meta.get("digest")
-    if meta.get("format") != "deepshrink-checkpoint":
-        return  # a plain safetensors file: nothing to verify
     if meta.get("version") not in (1, FORMAT_VERSION):
         raise FormatError(f"{path}: checkpoint version {meta.get('version')!r:.20} is not supported "
                           f"(this reader knows 1 and {FORMAT_VERSION})")
     if want is None:
-        if meta.get("version") != 1:
+        # Only a version-1 file (written before digests existed) may lack one; any other field
+        # damaged on the way (format, version, the key itself) must not switch verification off.
+        if meta.get("version") != 1 or meta.get("format") != "deepshrink-checkpoint":
             raise FormatError(f"{path}: the metadata has no digest (required since version 2)")
         warnings.warn(f"{path}: written without a tensor digest (an older deepshrink); "
                       "corrupted tensor bytes cannot be detected", stacklevel=3)
