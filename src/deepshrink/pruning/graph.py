@@ -186,6 +186,7 @@ class Builder:
         self.consumers: list[Consumer] = []
         self.size_uses: list[SizeUse] = []
         self.stack: list[str] = [""]
+        self.root = type(model).__name__
 
     # -- nodes ------------------------------------------------------------------------------
     def fix(self, nodes: Iterable[int] | np.ndarray, reason: str) -> None:
@@ -226,7 +227,7 @@ class Builder:
         self.stack.pop()
 
     def where(self) -> str:
-        return self.stack[-1] or type(self).__name__
+        return self.stack[-1] or self.root
 
     def is_owned(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and id(t) in self.owned
@@ -331,7 +332,10 @@ class Builder:
         hidden = next((unit_hidden[r] for r in roots if r in unit_hidden), None)
         kind = "hidden" if hidden else "head" if any(r in unit_head for r in roots) else "channel"
         producers = [m for m in out_members if m.role == "out"]
-        name = (producers or out_members)[0].module or (producers or out_members)[0].tensor
+        first = (producers or out_members)[0]
+        name = first.module or first.tensor
+        if not producers:  # no layer makes these channels here: name the side that reads them
+            name = f"{name} (input)" if first.role == "in" else first.tensor
         g = ChannelGroup(name, len(roots), out_members, kind, fixed, notes, hidden_reason=hidden)
         if fixed.all():
             g.blocked = "; ".join(notes[:3]) or "fixed"

@@ -139,7 +139,8 @@ def _consume(b: Builder, x: Any, axis: int, w_nodes: np.ndarray, what: str) -> N
     xm = b.maps_of(x).get(axis) if isinstance(x, torch.Tensor) else None
     if xm is None:
         src = "the model input" if isinstance(x, torch.Tensor) and id(x) in b.input_ids else \
-            "a tensor not produced by a prunable layer"
+            "features computed from the model input, not by a prunable layer" \
+            if isinstance(x, torch.Tensor) and id(x) in b.dependent else "a fixed-size tensor"
         b.fix(w_nodes, f"{what} reads {src}")
         return
     b.join(xm, w_nodes)
@@ -693,7 +694,8 @@ def reduce(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         a = k + nd
         if a in dims:
             if name in _REDUCE_STATS:
-                b.mark_hidden(m, f"statistics over channels ({name} in {b.where()})")
+                if keep:  # kept dims broadcast the statistic back over the channels (a norm)
+                    b.mark_hidden(m, f"statistics over channels ({name} in {b.where()})")
             elif name not in _REDUCE_EXACT:
                 b.fix(m, f"{name} over channels in {b.where()}")
             continue
