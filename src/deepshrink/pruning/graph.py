@@ -115,6 +115,7 @@ class SizeUse:
 
     modules: tuple[str, ...]
     nodes: np.ndarray
+    heads: bool = False  # the literal counts heads (a channel axis split into heads)
 
 
 @dataclasses.dataclass

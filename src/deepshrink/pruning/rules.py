@@ -459,7 +459,7 @@ def reshape_maps(b: Builder, x: torch.Tensor, out: torch.Tensor, where: str) -> 
             for h in range(dst[lead]):
                 b.merge_units(nodes[h * rest:(h + 1) * rest], head=rest > 1)
             maps[lead - len(dst)] = nodes[::rest]
-            b.size_uses.append(SizeUse(tuple(b.stack), nodes[::rest]))  # the head count
+            b.size_uses.append(SizeUse(tuple(b.stack), nodes[::rest], heads=rest > 1))
         else:
             b.fix(nodes, f"reshape {src} -> {dst} in {where} splits a channel axis across dims")
     return maps

@@ -325,8 +325,6 @@ SIZE_ATTRS = {"num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_
               "inner_dim", "d_model", "dim", "hidden_dim", "n_embd", "intermediate_size", "channels",
               "num_channels", "out_channels", "in_channels", "width"}
 CONFIG_FIELDS = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim")
-_HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads")
-_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 
 
 def size_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarray], int]
@@ -349,16 +347,18 @@ def size_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarray
     return attrs
 
 
-def config_fields(model: nn.Module, attrs: dict[str, dict[str, int]], hidden_width: int | None
-                  ) -> dict[str, Any]:
-    """``transformers`` config fields that every layer now agrees on."""
+def config_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarray], int],
+                  hidden_width: int | None) -> dict[str, Any]:
+    """``transformers`` config fields that every layer now agrees on: head counts (query and
+    key/value heads told apart by their count before the cut) and the hidden size."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {}
     out: dict[str, Any] = {}
-    for field, names in (("num_attention_heads", _HEAD_ATTRS), ("num_key_value_heads", _KV_ATTRS)):
-        values = {v for a in attrs.values() for k, v in a.items() if k in names}
-        if len(values) == 1 and getattr(cfg, field, None) is not None:
+    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    for field, old in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        values = {kept_nodes(u.nodes) for u in graph.size_uses if u.heads and len(u.nodes) == old}
+        if isinstance(old, int) and len(values) == 1 and values != {old}:
             out[field] = values.pop()
     if hidden_width is not None and getattr(cfg, "hidden_size", None) not in (None, hidden_width):
         head_dim = getattr(cfg, "head_dim", None)
@@ -461,7 +461,7 @@ def prune_channels(model: nn.Module, config: ChannelConfig, *, example_inputs: A
 
     attrs = size_fields(model, graph, kept_nodes)
     widths = {len(k) for g, k in zip(live, keep, strict=True) if g.kind == "hidden" and k is not None}
-    cfg = config_fields(model, attrs, widths.pop() if len(widths) == 1 else None)
+    cfg = config_fields(model, graph, kept_nodes, widths.pop() if len(widths) == 1 else None)
     apply_slices(model, slices)
     set_fields(model, attrs, cfg)
     try:
