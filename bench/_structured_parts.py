@@ -69,7 +69,8 @@ def bert_part() -> dict[str, Any]:
     row = {"config": BERT, "prune_config": {"ratio": 0.5, "hidden": True}, "params": [p0, p1],
            "params_ratio": p0 / p1, "macs_b1_s128": [m0, m1], "macs_ratio": m0 / m1,
            "latency_b8_s128": lat, "config_after": {k: getattr(c, k) for k in
-                                                    ("hidden_size", "num_attention_heads", "intermediate_size")},
+                                                    ("hidden_size", "num_attention_heads",
+                                                     "intermediate_size")},
            "ffn_width_after": pruned.bert.encoder.layer[0].intermediate.dense.out_features,
            "save_load_identical": _save_load_identical(pruned, x[:2, :16]),
            "floors": {"params_le_9M": p1 <= 9_000_000, "speedup_ge_3x": lat["speedup_median"] >= 3.0},
@@ -107,7 +108,8 @@ ARCHS: dict[str, tuple[str, dict[str, Any], Any]] = {
                                             "num_heads": [2, 4], "window_size": 4, "image_size": 32,
                                             "patch_size": 2, "num_labels": 10}, _img()),
     "convnext": ("ConvNextForImageClassification", {"model_type": "convnext", "hidden_sizes": [32, 64],
-                                                    "depths": [2, 2], "num_stages": 2, "num_labels": 10}, _img(64)),
+                                                    "depths": [2, 2], "num_stages": 2, "num_labels": 10},
+                 _img(64)),
     "mobilenetv2": ("MobileNetV2ForImageClassification",
                     {"model_type": "mobilenet_v2", "depth_multiplier": 0.5, "image_size": 64,
                      "num_labels": 10}, _img(64)),
@@ -150,7 +152,8 @@ def importance_part(seeds: int) -> dict[str, Any]:
     """Same 50 % cut and the same short fine-tune, group vs producer scores, several seeds."""
     data = load_fashion_mnist()
     val, test = data.loader("val", 1000), data.loader("test", 1000)
-    bases = {"lenet5": deepshrink.load(RESULTS / "lenet5.safetensors"), "resnet_small": _resnet_baseline(data)}
+    bases = {"lenet5": deepshrink.load(RESULTS / "lenet5.safetensors"),
+             "resnet_small": _resnet_baseline(data)}
     steps = {"lenet5": 200, "resnet_small": 120}
     x = data.test.tensors[0][:2]
     out: dict[str, Any] = {}
@@ -167,7 +170,8 @@ def importance_part(seeds: int) -> dict[str, Any]:
                 train(m, data, tcfg)
                 runs.append({"seed": seed, "val_top1_after_cut": before, "val_top1": evaluate(m, val)["top1"],
                              "test_top1": evaluate(m, test)["top1"]})
-                print(f"{name} {over} seed {seed}: val {before:.4f} -> {runs[-1]['val_top1']:.4f}", flush=True)
+                print(f"{name} {over} seed {seed}: val {before:.4f} -> {runs[-1]['val_top1']:.4f}",
+                      flush=True)
             rows[over] = {"runs": runs, "val_top1_mean": statistics.mean(r["val_top1"] for r in runs),
                           "test_top1_mean": statistics.mean(r["test_top1"] for r in runs),
                           "val_top1_after_cut": runs[0]["val_top1_after_cut"]}

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from _common import RESULTS, write_results
 from _structured_parts import arch_part, bert_part, importance_part
 from deepshrink.data import load_fashion_mnist
 from deepshrink.measure import compare_latency, count_macs, count_params, file_bytes
-from deepshrink.models import create_model
 from deepshrink.pruning.structured import ChannelConfig, prune_channels
 from deepshrink.train import TrainConfig, evaluate, train
 
@@ -82,7 +80,8 @@ def lenet5_part() -> dict[str, Any]:
             key = f"{split}/{name}"
             trials[key] = ChannelConfig(ratio=0.5, importance=name, overrides=overrides,
                                         calibration_batches=8)
-            m = prune_channels(copy.deepcopy(base), trials[key], example_inputs=example, calibration=calib).model
+            m = prune_channels(copy.deepcopy(base), trials[key], example_inputs=example,
+                               calibration=calib).model
             one_shot[key] = evaluate(m, val_loader)["top1"]
             print(f"one-shot {key}: val top-1 {100 * one_shot[key]:.2f}%", flush=True)
     best = max(one_shot, key=lambda k: one_shot[k])

@@ -245,7 +245,8 @@ def test_round_semantics(rounding, kept):
     prune_channels(model, ChannelConfig(ratio=0.3, round=rounding), example_inputs=torch.rand(2, 4))
     assert model[0].out_features == kept  # 32 * 0.7 = 22.4
     model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
-    prune_channels(model, ChannelConfig(ratio=0.3, round=rounding, round_to=8), example_inputs=torch.rand(2, 4))
+    prune_channels(model, ChannelConfig(ratio=0.3, round=rounding, round_to=8),
+                   example_inputs=torch.rand(2, 4))
     assert model[0].out_features == {"up": 24, "down": 16, "nearest": 24}[rounding]
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import deepshrink
-from deepshrink.models import create_model, list_models
 from deepshrink.modeling import output_tensor
+from deepshrink.models import create_model, list_models
 from deepshrink.pruning import ChannelConfig, prune_channels
 
 pytest.importorskip("transformers")
@@ -44,7 +44,8 @@ HF = {
                                             "num_heads": [2, 4], "window_size": 4, "image_size": 32,
                                             "patch_size": 4, "num_labels": 10}, _img()),
     "convnext": ("ConvNextForImageClassification", {"model_type": "convnext", "hidden_sizes": [16, 32],
-                                                    "depths": [1, 1], "num_stages": 2, "num_labels": 10}, _img()),
+                                                    "depths": [1, 1], "num_stages": 2, "num_labels": 10},
+                 _img()),
     "mobilenetv2": ("MobileNetV2ForImageClassification",
                     {"model_type": "mobilenet_v2", "depth_multiplier": 0.35, "image_size": 16,
                      "num_labels": 10}, _img(16)),

@@ -30,17 +30,23 @@ from deepshrink.pruning.masks import (
     reapply_masks,
     remove,
 )
-from deepshrink.pruning.schedules import GradualPruning, iterative_prune, oneshot, polynomial_sparsity
+from deepshrink.pruning.schedules import (
+    GradualPruning,
+    gradual_frequency,
+    iterative_prune,
+    oneshot,
+    polynomial_sparsity,
+)
 from deepshrink.pruning.sensitivity import Sensitivity, sensitivity_scan
 from deepshrink.pruning.sparse import (  # importing registers the packed_sparse spec edit
     PackedLayer,
     SparseLinear,
     measure_crossover,
-    pack,
     save_sparse,
     sparse_inference_plan,
+    to_dense_layers,
+    to_packed_layers,
     to_sparse_inference,
-    unpack,
 )
 from deepshrink.pruning.structured import (  # importing registers the structured edit replayer
     ChannelConfig,
@@ -91,6 +97,7 @@ __all__ = [
     "check_masks",
     "compute_masks",
     "get_masks",
+    "gradual_frequency",
     "iterative_prune",
     "lottery_ticket",
     "magnitude_scores",
@@ -101,7 +108,6 @@ __all__ = [
     "masks_from_zeros",
     "measure_crossover",
     "oneshot",
-    "pack",
     "polynomial_sparsity",
     "prune",
     "prune_channels",
@@ -114,6 +120,7 @@ __all__ = [
     "sensitivity_scan",
     "snapshot",
     "sparse_inference_plan",
+    "to_dense_layers",
+    "to_packed_layers",
     "to_sparse_inference",
-    "unpack",
 ]

@@ -125,7 +125,7 @@ class _Probe:
         gindex = {i: index[id(g)] for i, g in enumerate(graph.groups) if id(g) in index}
         self.sums = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
         self.counts = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
-        self.sites: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.sites: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self.axis: dict[str, int] = {}
         for c in graph.consumers:
             pairs = graph.unit_of(c.nodes)
@@ -136,7 +136,7 @@ class _Probe:
             for gl in np.unique(local[ok]).tolist():
                 sel = np.nonzero(local == gl)[0]
                 self.sites.setdefault(c.module, []).append(
-                    (gl, torch.as_tensor(sel), torch.as_tensor(pairs[sel, 1]), torch.as_tensor([len(c.nodes)])))
+                    (gl, torch.as_tensor(sel), torch.as_tensor(pairs[sel, 1])))
             self.axis[c.module] = c.axis
         if not self.sites:
             raise ModelError("no consuming layer found to measure activations at")
@@ -179,7 +179,7 @@ def _activation_scores(model: nn.Module, groups: Sequence[ChannelGroup], batches
                 for name, a in probe.seen:
                     v = stat(probe.flat(name, a))
                     per_pos, n = v.sum((0, 1)), v.shape[0] * v.shape[1]
-                    for gi, pos, units, _ in probe.sites[name]:
+                    for gi, pos, units in probe.sites[name]:
                         probe.sums[gi].index_add_(0, units, per_pos[pos])
                         probe.counts[gi].index_add_(0, units, torch.full((len(pos),), float(n),
                                                                          dtype=torch.float64))
@@ -223,7 +223,7 @@ def taylor_importance(model: nn.Module, groups: Sequence[ChannelGroup], batches:
                     if a.grad is None:
                         continue
                     ag = (probe.flat(name, a.detach()) * probe.flat(name, a.grad)).sum(1)  # (N, C)
-                    for gi, pos, units, _ in probe.sites[name]:
+                    for gi, pos, units in probe.sites[name]:
                         per = torch.zeros(ag.shape[0], groups[gi].size, dtype=torch.float64)
                         per.index_add_(1, units, ag[:, pos])
                         probe.sums[gi] += per.abs().sum(0)

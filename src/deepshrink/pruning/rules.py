@@ -199,8 +199,8 @@ def matmul(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         maps[-1] = cm[-1]
     for k in range(-out.dim(), -2):  # batch axes broadcast like elementwise ops
         ms = [m[k] for t, m in ((a, am), (c, cm)) if t.dim() >= -k and k in m and t.shape[k] == out.shape[k]]
-        plain = [t for t, m in ((a, am), (c, cm)) if t.dim() >= -k and k not in m and t.shape[k] == out.shape[k]
-                 and out.shape[k] > 1]
+        plain = [t for t, m in ((a, am), (c, cm)) if t.dim() >= -k and k not in m
+                 and t.shape[k] == out.shape[k] > 1]
         if ms and plain:
             for m in ms:
                 b.fix(m, f"{name} in {b.where()} batches channels with a fixed-size tensor")
@@ -259,10 +259,14 @@ def batch_norm(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> No
     b.set_maps(out, dict(b.maps_of(x)), [x])
 
 
+def _norm_params(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [t for t in (*args[2:4], kwargs.get("weight"), kwargs.get("bias")) if isinstance(t, torch.Tensor)]
+
+
 @register_rule("layer_norm", "rms_norm")
 def layer_norm(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
-    params = [t for t in (*args[2:4], kwargs.get("weight"), kwargs.get("bias")) if isinstance(t, torch.Tensor)]
+    params = _norm_params(args, kwargs)
     xm = b.maps_of(x)
     if len(tuple(shape)) != 1:
         b.fix_all([x, *params], f"{name} {b.where()} over several axes")
@@ -282,7 +286,7 @@ def layer_norm(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> No
 @register_rule("group_norm")
 def group_norm(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x, groups = args[0], int(_arg(args, kwargs, 1, "num_groups"))
-    params = [t for t in (*args[2:4], kwargs.get("weight"), kwargs.get("bias")) if isinstance(t, torch.Tensor)]
+    params = _norm_params(args, kwargs)
     axis = 1 - x.dim()
     xm = b.maps_of(x).get(axis)
     for p in params:
