@@ -144,7 +144,7 @@ def arch_part() -> dict[str, Any]:
 def _resnet_baseline(data: Any) -> nn.Module:
     torch.manual_seed(0)
     model = create_model("resnet_small")
-    train(model, data, TrainConfig(epochs=1, batch_size=128, lr=2e-3, max_steps=350, seed=0, progress=False))
+    train(model, data, TrainConfig(epochs=1, batch_size=64, lr=2e-3, max_steps=250, seed=0, progress=False))
     return model.eval()
 
 
@@ -152,9 +152,10 @@ def importance_part(seeds: int) -> dict[str, Any]:
     """Same 50 % cut and the same short fine-tune, group vs producer scores, several seeds."""
     data = load_fashion_mnist()
     val, test = data.loader("val", 1000), data.loader("test", 1000)
+    print("importance: training the resnet_small baseline", flush=True)
     bases = {"lenet5": deepshrink.load(RESULTS / "lenet5.safetensors"),
              "resnet_small": _resnet_baseline(data)}
-    steps = {"lenet5": 200, "resnet_small": 120}
+    steps = {"lenet5": 150, "resnet_small": 60}  # short: the machine is shared by ~8 jobs
     x = data.test.tensors[0][:2]
     out: dict[str, Any] = {}
     for name, base in bases.items():
@@ -165,7 +166,7 @@ def importance_part(seeds: int) -> dict[str, Any]:
                 m = copy.deepcopy(base)
                 prune_channels(m, ChannelConfig(ratio=0.5, score_over=over), example_inputs=x)
                 before = evaluate(m, val)["top1"]
-                tcfg = TrainConfig(epochs=1, batch_size=128, lr=1e-3, max_steps=steps[name], seed=seed,
+                tcfg = TrainConfig(epochs=1, batch_size=64, lr=1e-3, max_steps=steps[name], seed=seed,
                                    progress=False)
                 train(m, data, tcfg)
                 runs.append({"seed": seed, "val_top1_after_cut": before, "val_top1": evaluate(m, val)["top1"],

@@ -53,7 +53,8 @@ class RecoverConfig(Config):
 
     def validate(self) -> None:
         n = type(self).__name__
-        check(isinstance(self.rounds, int) and self.rounds >= 1, n, "rounds", f"must be >= 1, got {self.rounds}")
+        check(isinstance(self.rounds, int) and self.rounds >= 1, n, "rounds",
+              f"must be >= 1, got {self.rounds}")
         check(self.temperature > 0, n, "temperature", f"must be > 0, got {self.temperature}")
         check(0.0 <= self.alpha <= 1.0, n, "alpha", f"must be in [0, 1], got {self.alpha}")
         check(self.hidden_weight >= 0, n, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
@@ -181,7 +182,8 @@ def prune_and_recover(model: nn.Module, config: ChannelConfig, data: Any, train_
     step_cfg = _round_config(config, rc.rounds) if rc.rounds > 1 else config
     results, history = [], []
     for k in range(rc.rounds):
-        results.append(prune_channels(model, step_cfg, example_inputs=example_inputs, calibration=calibration))
+        results.append(prune_channels(model, step_cfg, example_inputs=example_inputs,
+                                      calibration=calibration))
         history.append(_finetune(model, teacher, loader, labelled, rc,
                                  dataclasses.replace(train_config, seed=train_config.seed + k)))
     return RecoverResult(model, results, history)
