@@ -21,7 +21,7 @@ from deepshrink.pruning.structured import ChannelConfig, prune_channels
     ({"overrides": {"fc": 1.0}}, "ChannelConfig.overrides['fc']"),
     ({"importance": "random-ish"}, "ChannelConfig.importance"),
     ({"round_to": 0}, "ChannelConfig.round_to"),
-    ({"ignore": ("(",)}, "ChannelConfig.overrides/ignore"),
+    ({"ignore": ("(",)}, "ChannelConfig.ignore"),
     ({"calibration_batches": 0}, "ChannelConfig.calibration_batches"),
     ({"round": "sideways"}, "ChannelConfig.round"),
     ({"score_over": "everything"}, "ChannelConfig.score_over"),

@@ -30,7 +30,6 @@ from deepshrink.pruning.masks import (
     reapply_masks,
     remove,
 )
-from deepshrink.pruning.recover import RecoverConfig, RecoverResult, prune_and_recover
 from deepshrink.pruning.schedules import (
     GradualPruning,
     gradual_frequency,
@@ -91,8 +90,6 @@ __all__ = [
     "Masks",
     "PackedLayer",
     "PruneResult",
-    "RecoverConfig",
-    "RecoverResult",
     "Sensitivity",
     "SparseLinear",
     "UnstructuredConfig",
@@ -113,7 +110,6 @@ __all__ = [
     "oneshot",
     "polynomial_sparsity",
     "prune",
-    "prune_and_recover",
     "prune_channels",
     "prune_unstructured",
     "reapply_masks",

@@ -271,7 +271,7 @@ class Builder:
             self.dependent.add(id(out))
 
     def protect_output(self, output: Any) -> None:
-        for t in _top_level_tensors(output):
+        for t in top_level_tensors(output):
             self.fix_all([t], "reaches the model output")
 
     # -- assembly ---------------------------------------------------------------------------
@@ -343,7 +343,7 @@ class Builder:
         return {"group": g, "roots": roots}
 
 
-def _top_level_tensors(output: Any) -> list[torch.Tensor]:
+def top_level_tensors(output: Any) -> list[torch.Tensor]:
     """The tensors a caller reads from a model output: a tensor, the tensors of a tuple, or the
     tensor fields of a dict / ``ModelOutput`` (nested caches and per-layer tuples are not)."""
     if isinstance(output, torch.Tensor):
@@ -368,12 +368,12 @@ class _Tracer(torch.overrides.TorchFunctionMode):
             self.visit(self.b, func, args, kwargs, out)
         except Exception as exc:  # a rule that cannot read this call: fix what it touches
             name = getattr(func, "__name__", repr(func))
-            self.b.fix_all(_tensor_args(args, kwargs), f"{name} in {self.b.where()} could not be "
+            self.b.fix_all(tensor_args(args, kwargs), f"{name} in {self.b.where()} could not be "
                                                         f"analysed ({type(exc).__name__}: {exc})")
         return out
 
 
-def _tensor_args(args: Any, kwargs: Any) -> list[torch.Tensor]:
+def tensor_args(args: Any, kwargs: Any) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
 
     def walk(x: Any) -> None:
@@ -400,7 +400,7 @@ def trace_graph(model: nn.Module, example_inputs: Any) -> Graph:
                          hint="pass a batch, e.g. data.test.tensors[0][:2] or tokenizer(...)")
     inputs = as_inputs(example_inputs)
     b = Builder(model)
-    for t in _tensor_args(inputs, {}):
+    for t in tensor_args(inputs, {}):
         b.input_ids.add(id(t))
         b.dependent.add(id(t))
     hooks = []
@@ -426,7 +426,7 @@ def trace_graph(model: nn.Module, example_inputs: Any) -> Graph:
 
 
 def _shapes(output: Any) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in _top_level_tensors(output)]
+    return [tuple(t.shape) for t in top_level_tensors(output)]
 
 
 def describe(groups: Iterable[ChannelGroup]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepshrink.pruning.graph import Builder, Consumer, SizeUse, _tensor_args
+from deepshrink.pruning.graph import Builder, Consumer, SizeUse, tensor_args
 
 Maps = dict[int, np.ndarray]
 Rule = Callable[[Builder, str, tuple, dict, Any], None]
@@ -71,7 +71,7 @@ def visit(b: Builder, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
             return
     if name in _META:
         return
-    tensors = _tensor_args(args, kwargs)
+    tensors = tensor_args(args, kwargs)
     if name in _FIRST_ONLY:
         return b.set_maps(out, dict(b.maps_of(args[0])) if args else {}, tensors)
     if name in _ELEMENTWISE:
@@ -356,7 +356,7 @@ def mha(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
              "out_proj_bias")
     a = {n: _arg(args, kwargs, i, n) for i, n in enumerate(names)}
     sep = _arg(args, kwargs, 17, "use_separate_proj_weight", False)
-    tensors = _tensor_args(args, kwargs)
+    tensors = tensor_args(args, kwargs)
     where = b.where()
     if sep or a["in_proj_weight"] is None or a["bias_k"] is not None or a["add_zero_attn"]:
         return _fix_outs(b, tensors, out, f"MultiheadAttention {where} with separate projections, "
@@ -549,7 +549,7 @@ def getitem(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     if not isinstance(out, torch.Tensor):
         return None
     if not xm:
-        return b.set_maps(out, {}, [x, *_tensor_args(idx, {})])
+        return b.set_maps(out, {}, [x, *tensor_args(idx, {})])
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx) or \
             sum(isinstance(i, (torch.Tensor, list)) for i in idx) > 1:
@@ -681,7 +681,7 @@ def reduce(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x = args[0]
     if not isinstance(x, torch.Tensor):
         return None
-    others = [t for t in _tensor_args(args[1:], kwargs)]
+    others = [t for t in tensor_args(args[1:], kwargs)]
     if others:  # torch.max(a, b): elementwise
         return elementwise(b, name, [x, *others], out)
     dims = _arg(args, kwargs, 1, "dim")
@@ -766,7 +766,7 @@ def spatial(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
 
 @register_rule("__setitem__")
 def setitem(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-    tensors = _tensor_args(args, kwargs)
+    tensors = tensor_args(args, kwargs)
     if any(b.maps_of(t) for t in tensors):
         b.fix_all(tensors, f"in-place item assignment in {b.where()}")
 

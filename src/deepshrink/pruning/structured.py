@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.config import Config, check
+from deepshrink.config import Config, check, check_patterns, name_matches
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.modeling import as_inputs, call, eval_mode, input_batches
 from deepshrink.models import get_spec, record_edit, register_edit
-from deepshrink.pruning.graph import ChannelGroup, Graph, _top_level_tensors, trace_graph
+from deepshrink.pruning.graph import ChannelGroup, Graph, top_level_tensors, trace_graph
 from deepshrink.pruning.importance import list_importance, needs_data, score_groups
 
 ROUNDING = ("up", "down", "nearest")
@@ -56,7 +55,7 @@ class ChannelConfig(Config):
     heads_ratio: ratio for attention-head groups (default ``ratio``).
     hidden: also prune the hidden size (residual stream, embeddings, LayerNorm/RMSNorm channels);
         off by default since it changes normalisation statistics: recover by distillation
-        (:func:`deepshrink.pruning.prune_and_recover`).
+        (:func:`deepshrink.distill.prune_and_recover`).
     hidden_ratio: ratio for hidden-size groups (default ``ratio``).
     """
 
@@ -84,11 +83,8 @@ class ChannelConfig(Config):
         for key, v in self.overrides.items():
             check(isinstance(v, (int, float)) and 0.0 <= v < 1.0, n, f"overrides[{key!r}]",
                   f"must be in [0, 1), got {v!r}")
-        for pattern in (*self.overrides, *self.ignore):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                check(False, n, "overrides/ignore", f"bad regex {pattern!r}: {exc}")
+        check_patterns(n, "overrides", self.overrides)
+        check_patterns(n, "ignore", self.ignore)
         check(self.round in ROUNDING, n, "round", f"must be one of {ROUNDING}, got {self.round!r}")
         check(self.score_over in SCORE_OVER, n, "score_over",
               f"must be one of {SCORE_OVER}, got {self.score_over!r}")
@@ -114,11 +110,6 @@ class PruneResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pruned": self.pruned, "skipped": self.skipped, "params": list(self.params)}
-
-
-def name_matches(name: str, patterns: Any) -> bool:
-    """True when ``name`` fully matches (as a regex) one of ``patterns``."""
-    return any(re.fullmatch(p, name) for p in patterns)
 
 
 # -- choosing units ------------------------------------------------------------------------------
@@ -425,7 +416,7 @@ def _nothing_to_prune(model: nn.Module, groups: list[ChannelGroup]) -> ModelErro
 
 def _shapes_now(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
     with eval_mode(model), torch.no_grad():
-        return [tuple(t.shape) for t in _top_level_tensors(call(model, inputs))]
+        return [tuple(t.shape) for t in top_level_tensors(call(model, inputs))]
 
 
 def prune_channels(model: nn.Module, config: ChannelConfig, *, example_inputs: Any = None,

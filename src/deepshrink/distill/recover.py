@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
-from deepshrink.distill import kd_loss
+from deepshrink.distill.loss import kd_loss
 from deepshrink.errors import ConfigError, DataError
 from deepshrink.modeling import call, input_batches, output_tensor
 from deepshrink.pruning.structured import ChannelConfig, PruneResult, prune_channels

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from deepshrink.data import load_digits
+from deepshrink.distill import RecoverConfig, prune_and_recover
 from deepshrink.models import create_model
-from deepshrink.pruning import ChannelConfig, RecoverConfig, prune_and_recover
+from deepshrink.pruning import ChannelConfig
 from deepshrink.train import TrainConfig, evaluate, train
 
 
