@@ -110,3 +110,17 @@ def test_prune_verb_dispatches_channel_config():
     model = prune(create_model("lenet300", in_size=8), ChannelConfig(ratio=0.5),
                   example_inputs=torch.rand(2, 1, 8, 8))
     assert model[2].out_features == 150
+
+
+def test_cli_channel_pruning_with_hidden_size(tmp_path):
+    from typer.testing import CliRunner
+
+    from deepshrink.cli import app
+
+    base = deepshrink.save(create_model("resnet_small", in_size=8), tmp_path / "base.safetensors")
+    out = tmp_path / "small.safetensors"
+    r = CliRunner().invoke(app, ["prune", str(base), "-o", str(out), "--method", "channel", "--ratio", "0.5",
+                                 "--hidden", "--input-shape", "1,8,8", "--json"])
+    assert r.exit_code == 0, r.output
+    again = deepshrink.load(out)
+    assert again.fc.in_features == 32 and again.stem[0].out_channels == 8
