@@ -84,6 +84,8 @@ def test_transformers_architectures(name, hidden, tmp_path):
         assert out["config"].get("num_attention_heads") == 2  # the config follows the cut
     if hidden and name not in ("swin", "convnext", "mobilenetv2", "resnet"):
         assert out["config"]["hidden_size"] == 16
+    if name in ("bert", "roberta", "llama-gqa"):
+        assert out["config"]["intermediate_size"] == 32
 
 
 def test_llama_gqa_keeps_kv_groups_whole():

@@ -315,7 +315,7 @@ SIZE_ATTRS = {"num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_
               "num_kv_heads", "n_kv_heads", "all_head_size", "embed_dim", "hidden_size", "split_size",
               "inner_dim", "d_model", "dim", "hidden_dim", "n_embd", "intermediate_size", "channels",
               "num_channels", "out_channels", "in_channels", "width"}
-CONFIG_FIELDS = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim")
+CONFIG_FIELDS = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "intermediate_size")
 
 
 def size_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarray], int]
@@ -339,9 +339,10 @@ def size_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarray
 
 
 def config_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarray], int],
-                  hidden_width: int | None) -> dict[str, Any]:
+                  hidden_width: int | None, ffn_widths: set[int]) -> dict[str, Any]:
     """``transformers`` config fields that every layer now agrees on: head counts (query and
-    key/value heads told apart by their count before the cut) and the hidden size."""
+    key/value heads told apart by their count before the cut), the FFN width (``ffn_widths``:
+    kept sizes of the channel groups as wide as ``intermediate_size``) and the hidden size."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {}
@@ -351,6 +352,8 @@ def config_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarr
         values = {kept_nodes(u.nodes) for u in graph.size_uses if u.heads and len(u.nodes) == old}
         if isinstance(old, int) and len(values) == 1 and values != {old}:
             out[field] = values.pop()
+    if len(ffn_widths) == 1 and isinstance(getattr(cfg, "intermediate_size", None), int):
+        out["intermediate_size"] = ffn_widths.pop()
     if hidden_width is not None and getattr(cfg, "hidden_size", None) not in (None, hidden_width):
         head_dim = getattr(cfg, "head_dim", None)
         heads = getattr(cfg, "num_attention_heads", None)
@@ -452,7 +455,10 @@ def prune_channels(model: nn.Module, config: ChannelConfig, *, example_inputs: A
 
     attrs = size_fields(model, graph, kept_nodes)
     widths = {len(k) for g, k in zip(live, keep, strict=True) if g.kind == "hidden" and k is not None}
-    cfg = config_fields(model, graph, kept_nodes, widths.pop() if len(widths) == 1 else None)
+    inter = getattr(getattr(model, "config", None), "intermediate_size", None)
+    ffn = {len(k) for g, k in zip(live, keep, strict=True)
+           if g.kind == "channel" and g.size == inter and k is not None}
+    cfg = config_fields(model, graph, kept_nodes, widths.pop() if len(widths) == 1 else None, ffn)
     apply_slices(model, slices)
     set_fields(model, attrs, cfg)
     try:
