@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from deepshrink.config import Config, check, check_patterns, name_matches
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.modeling import as_inputs, call, eval_mode, input_batches
 from deepshrink.models import get_spec, record_edit, register_edit
+from deepshrink.models.schema import Int, List, Map, Obj, Str
 from deepshrink.pruning.graph import ChannelGroup, Graph, top_level_tensors, trace_graph
 from deepshrink.pruning.importance import list_importance, needs_data, score_groups
 
@@ -365,7 +367,17 @@ def config_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarr
     return out
 
 
-@register_edit("channel_prune")
+# The recorded edit, as checked on load (sec: only registered kinds with schema-checked fields
+# load): kept indices per tensor dimension, and only integer size fields from the lists above.
+_COUNT = Int(0, 1 << 31)
+_NAME = Str(pattern=re.compile(r"[A-Za-z0-9_.]+"))
+CHANNEL_PRUNE_SCHEMA = Obj(
+    {"slices": Map(Map(List(_COUNT, max_len=1 << 24), key=Str(pattern=re.compile(r"[0-9]"))), key=_NAME)},
+    optional={"attrs": Map(Obj({}, optional={a: _COUNT for a in sorted(SIZE_ATTRS)}), key=_NAME),
+              "config": Obj({}, optional={f: _COUNT for f in CONFIG_FIELDS})})
+
+
+@register_edit("channel_prune", schema=CHANNEL_PRUNE_SCHEMA)
 def replay_channel_prune(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild the smaller architecture on load from the recorded kept indices."""
     slices = edit.get("slices", {})
