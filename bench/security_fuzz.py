@@ -64,8 +64,12 @@ def main() -> None:
             bad += [{"seed": seed, **b} for b in r["bad"]][: max(0, 20 - len(bad))]
             seed += 1
             print(f"{fam}: {sum(counts.values())}/{total} {dict(counts)}", file=sys.stderr, flush=True)
-        rows.append({"family": fam, "inputs": total, **{o: counts.get(o, 0) for o in OUTCOMES},
-                     "seconds": round(time.perf_counter() - start), "bad_examples": bad})
+            # after every chunk: a run stopped early still leaves its counts so far
+            row = {"family": fam, "inputs": sum(counts.values()), **{o: counts.get(o, 0) for o in OUTCOMES},
+                   "seconds": round(time.perf_counter() - start), "bad_examples": bad}
+            write(a.out, [*rows, row], " ".join(["nice -n 10", "python", *sys.argv]),
+                  round(time.perf_counter() - t0))
+        rows.append(row)
     write(a.out, rows, " ".join(["nice -n 10", "python", *sys.argv]), round(time.perf_counter() - t0))
 
 
