@@ -140,7 +140,11 @@ def test_user_code_loads_only_when_trusted(tmp_path: Path, monkeypatch: pytest.M
         )
 
 
-def test_a_registry_entry_registered_in_code_loads(tmp_path: Path) -> None:
+def test_a_registry_entry_registered_in_code_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepshrink.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # undone after the test
+
     @deepshrink.models.register_model("sec_test_tiny")
     def tiny(width: int = 2) -> nn.Module:
         return nn.Sequential(nn.Linear(3, width))
@@ -193,8 +197,10 @@ def test_spec_is_validated_before_anything_is_built(tmp_path: Path, spec: object
         deepshrink.load(p)
 
 
-def test_edit_kinds_register_with_a_schema(tmp_path: Path) -> None:
-    from deepshrink.models import register_edit
+def test_edit_kinds_register_with_a_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepshrink.models import register_edit, spec
+
+    monkeypatch.setattr(spec, "_EDITS", dict(spec._EDITS))  # undone after the test
     from deepshrink.models.schema import Int, Obj
 
     @register_edit("sec_test_scale", schema=Obj({"factor": Int(1, 10)}))
