@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         calib: str | None = typer.Option(None, "--calib",
                                          help="Calibration/evaluation dataset (digits, fashion-mnist, "
                                               "mnist or an IDX dir); default: the one in the file."),
-        calib_batches: int = typer.Option(8, help="Calibration batches of 64 (static mode)."),
+        calibration_batches: int = typer.Option(8, help="Calibration batches of 64 (static mode)."),
         granularity: str = typer.Option("channel", help="tensor | channel | group."),
         group_size: int = typer.Option(64, help="Weights per group (granularity group)."),
         weight_range: str = typer.Option("mse", help="minmax | percentile | mse."),
@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
             cfg = PTQConfig.from_file(config)
         else:
             cfg = PTQConfig(mode=mode, bits=bits, granularity=granularity, group_size=group_size,
-                            weight_range=weight_range, act_range=act_range, calib_batches=calib_batches)
+                            weight_range=weight_range, act_range=act_range,
+                            calibration_batches=calibration_batches)
         model = load(path)
         dataset = calib
         if dataset is None:
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
                      "dataset": bundle.name, "input_bytes": file_bytes(path)}
         if do_eval:
             res["input_top1"] = evaluate(model, test)["top1"]
-        q = quantize(model, cfg, bundle)
+        q = quantize(model, cfg, calibration=bundle)
         if output.suffix == ".onnx":
             data = export_onnx(q, None, bundle.test.tensors[0][:2])
             with atomic_path(output, protect=(path,)) as tmp:

@@ -34,10 +34,11 @@ from torch import nn
 
 from deepshrink.errors import ModelError
 from deepshrink.fileio import atomic_path
+from deepshrink.modeling import output_tensor
 from deepshrink.quantization.modules import (
     QuantizedLayer,
-    _apply,
     act_fake_quant,
+    apply_layer,
     dynamic_fake_quant,
 )
 
@@ -85,7 +86,7 @@ class _QLayerFn(torch.autograd.Function):
         else:
             view = (-1,) + (1,) * (t["wq"].dim() - 1)
             w = (t["wq"].float() - t["wz"].float().reshape(view)) * t["ws"].reshape(view)
-        y = _apply(layer.kind, x, w, t["b"], layer.conv)
+        y = apply_layer(layer.kind, x, w, t["b"], layer.conv)
         if layer.mode == "static" and layer.meta.get("out_q"):
             y = act_fake_quant(y, t["o_s"], t["o_z"].float(), 8)
         return y
@@ -182,37 +183,38 @@ def export_layer(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 class _LogitsWrapper(nn.Module):
-    """Positional inputs -> the model's logits (HF models take keyword inputs and return
-    output objects)."""
+    """Positional inputs -> the model's output tensor (HF models take keyword inputs and return
+    output objects: logits, or last_hidden_state for a plain encoder, or the named output)."""
 
-    def __init__(self, model: nn.Module, names: list[str] | None) -> None:
+    def __init__(self, model: nn.Module, names: list[str] | None, output: str | None = None) -> None:
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.output = model, names, output
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        from deepshrink.train import logits_of
-
         out = self.model(**dict(zip(self.names, xs, strict=True))) if self.names else self.model(*xs)
-        return logits_of(out)
+        return output_tensor(out, self.output)
 
 
-def export_onnx(model: nn.Module, path: str | Path | None, example: torch.Tensor | dict[str, torch.Tensor],
-                *, opset: int = OPSET, dynamic_seq: bool = False) -> bytes:
+def export_onnx(model: nn.Module, path: str | Path | None,
+                example: torch.Tensor | tuple | dict[str, torch.Tensor], *, opset: int = OPSET, dynamic_seq: bool = False, output: str | None = None) -> bytes:
     """Export ``model`` (float or quantized) to a single ONNX file with a dynamic batch axis.
 
     ``example`` is an input batch, or a dict of named inputs (``{"input_ids": ...}`` for a
-    `transformers` model). The output is named ``logits``. Returns the serialized model and,
+    `transformers` model). The graph's one output is named ``logits`` whatever it holds: the
+    model's logits, else its ``last_hidden_state`` (a plain encoder), or the field named by
+    ``output`` (see :func:`deepshrink.modeling.output_tensor`). Returns the serialized model and,
     when ``path`` is given, writes it atomically.
     """
     names = list(example) if isinstance(example, dict) else None
-    args = tuple(example.values()) if isinstance(example, dict) else (example,)
-    input_names = names or ["input"]
+    args = (tuple(example.values()) if isinstance(example, dict)
+            else example if isinstance(example, tuple) else (example,))
+    input_names = names or (["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))])
     axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in input_names}
     if dynamic_seq:
         for n in input_names:
             axes[n][1] = "seq"
     axes["logits"] = {0: "batch"}
-    wrapper = _LogitsWrapper(model, names).eval()
+    wrapper = _LogitsWrapper(model, names, output).eval()
     buf = io.BytesIO()
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     for layer in layers:  # temporary buffers: the tracer turns them into named initializers

@@ -1,4 +1,4 @@
-"""Post-training quantization: ``quantize(model, PTQConfig(...), calibration_data)``.
+"""Post-training quantization: ``quantize(model, PTQConfig(...), calibration=batches)``.
 
 Modes:
 
@@ -6,7 +6,7 @@ Modes:
 * ``dynamic``: int8 weights; activations quantized per tensor at run time (uint8 over the
   batch's own range) — no calibration.
 * ``static``: int8 weights and activations; input (and conv output) ranges calibrated on
-  ``calibration_data`` with the chosen observer.
+  ``calibration`` with the chosen observer.
 
 Mixed precision: with ``target_bits`` set, a sensitivity pass picks per-layer weight bits from
 ``candidate_bits`` so that the parameter-weighted average meets the target (see :mod:`mixed`).
@@ -17,28 +17,25 @@ writes a rebuildable file and ``deepshrink.load`` reads it back.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
+import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from deepshrink.config import Config, check
-from deepshrink.data import DataBundle
 from deepshrink.errors import DataError
+from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, set_submodule
 from deepshrink.models import record_edit, register_edit
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
 from deepshrink.quantization.modules import (
     MODES,
-    QUANTIZABLE,
     ActFakeQuant,
     QuantizedLayer,
+    is_quantizable,
 )
 from deepshrink.quantization.observers import ACT_RANGE_METHODS, RANGE_METHODS
-
-Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 
 def validate_weight_fields(cfg: Any) -> None:
@@ -51,8 +48,10 @@ def validate_weight_fields(cfg: Any) -> None:
     check(cfg.group_size >= 1, n, "group_size", f"must be >= 1, got {cfg.group_size}")
     check(cfg.weight_range in RANGE_METHODS, n, "weight_range",
           f"must be one of {RANGE_METHODS}, got {cfg.weight_range!r}")
-    for pat, b in cfg.layer_bits.items():
-        validate_bits(n, f"layer_bits[{pat!r}]", b)
+    for pat, b in cfg.overrides.items():
+        validate_bits(n, f"overrides[{pat!r}]", b)
+    check_patterns(n, "overrides", cfg.overrides)
+    check_patterns(n, "ignore", cfg.ignore)
 
 
 @dataclasses.dataclass
@@ -66,9 +65,9 @@ class PTQConfig(Config):
     weight_range: str = "mse"  # minmax | percentile | mse
     act_range: str = "percentile"  # minmax | moving_average | percentile | mse
     percentile: float = 99.99
-    calib_batches: int = 8
-    layer_bits: dict[str, int] = dataclasses.field(default_factory=dict)  # name pattern -> bits
-    skip: tuple[str, ...] = ()  # name patterns left in float (fnmatch)
+    calibration_batches: int = 8
+    overrides: dict[str, int] = dataclasses.field(default_factory=dict)  # name regex -> weight bits
+    ignore: tuple[str, ...] = ()  # name regexes (full match) left in float
     target_bits: float | None = None  # mixed precision: average weight bits to reach
     candidate_bits: tuple[int, ...] = (2, 4, 8)
     embedding_bits: int | None = None  # also quantize nn.Embedding tables (weight-only, per row)
@@ -82,7 +81,8 @@ class PTQConfig(Config):
               f"must be one of {ACT_RANGE_METHODS}, got {self.act_range!r}")
         check(50.0 < self.percentile <= 100.0, n, "percentile",
               f"must be in (50, 100], got {self.percentile}")
-        check(self.calib_batches >= 1, n, "calib_batches", f"must be >= 1, got {self.calib_batches}")
+        check(self.calibration_batches >= 1, n, "calibration_batches",
+              f"must be >= 1, got {self.calibration_batches}")
         for b in self.candidate_bits:
             validate_bits(n, "candidate_bits", b)
         if self.embedding_bits is not None:
@@ -93,58 +93,46 @@ class PTQConfig(Config):
                   f"must lie within candidate_bits {self.candidate_bits}, got {self.target_bits}")
 
     def spec_for(self, name: str, bits: int | None = None) -> QuantSpec:
-        return QuantSpec(bits=bits or bits_for(name, self.bits, self.layer_bits),
+        return QuantSpec(bits=bits or bits_for(name, self.bits, self.overrides),
                          symmetric=self.symmetric, granularity=self.granularity,
                          group_size=self.group_size)
 
 
-def bits_for(name: str, default: int, layer_bits: dict[str, int]) -> int:
-    """Per-layer bits: the first pattern in ``layer_bits`` matching ``name`` wins."""
-    for pat, b in layer_bits.items():
-        if fnmatch.fnmatchcase(name, pat):
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """True when ``name`` equals one of ``patterns`` or matches it as a regex (full match)."""
+    return any(name == p or re.fullmatch(p, name) for p in patterns)
+
+
+def check_patterns(cls_name: str, field: str, patterns: Iterable[str]) -> None:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            check(False, cls_name, field, f"bad regex {p!r}: {exc}")
+
+
+def bits_for(name: str, default: int, overrides: dict[str, int]) -> int:
+    """Per-layer bits: the first regex in ``overrides`` that fully matches ``name`` wins."""
+    for pat, b in overrides.items():
+        if name_matches(name, (pat,)):
             return b
     return default
 
 
-def quantizable_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Linear / Conv1d / Conv2d not matched by a ``skip`` pattern."""
-    skip = tuple(skip)
+def quantizable_layers(model: nn.Module, ignore: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Linear / Conv1d / Conv2d / HF Conv1D not matched by an ``ignore`` regex."""
+    ignore = tuple(ignore)
     return [(n, m) for n, m in model.named_modules()
-            if type(m) in QUANTIZABLE and not any(fnmatch.fnmatchcase(n, p) for p in skip)]
+            if is_quantizable(m) and not name_matches(n, ignore)]
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def calibration_batches(data: Any, n: int, batch_size: int = 64) -> list[Inputs]:
-    """Up to ``n`` input batches from a DataBundle (train split), DataLoader, tensor, dict of
-    tensors (e.g. ``{"input_ids": ...}``) or an iterable of batches."""
-    if data is None:
-        raise DataError("static quantization needs calibration data",
-                        hint="pass a DataBundle, DataLoader or tensor of inputs")
-    if isinstance(data, DataBundle):
-        data = data.loader("train", batch_size, shuffle=True, seed=0)
-    if isinstance(data, torch.Tensor):
-        return list(data.split(batch_size))[:n]
-    if isinstance(data, dict):
-        first = next(iter(data.values()))
-        return [{k: v[i:i + batch_size] for k, v in data.items()}
-                for i in range(0, len(first), batch_size)][:n]
-    out: list[Inputs] = []
-    for batch in data if isinstance(data, (DataLoader, Iterable)) else ():
-        if len(out) >= n:
-            break
-        out.append(batch if isinstance(batch, (torch.Tensor, dict)) else batch[0])
-    if not out:
-        raise DataError("calibration data yielded no batches")
-    return out
-
-
-def run_model(model: nn.Module, x: Inputs) -> Any:
-    return model(**x) if isinstance(x, dict) else model(x)
+def need_batches(calibration: Any, n: int, why: str) -> list[Inputs]:
+    """Calibration batches, or a DataError saying why they are needed."""
+    batches = calibration_batches(calibration, n)
+    if not batches:
+        raise DataError(f"{why} needs calibration data",
+                        hint="pass calibration= (a DataBundle, DataLoader, tensor, tuple or tokenizer dict)")
+    return batches
 
 
 @torch.no_grad()
@@ -155,8 +143,8 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
     hooks = []
     for name, layer in layers:
         a_in = ActFakeQuant(cfg.act_bits, cfg.act_range, pct=cfg.percentile)
-        a_out = None if isinstance(layer, nn.Linear) else ActFakeQuant(cfg.act_bits, cfg.act_range,
-                                                                        pct=cfg.percentile)
+        conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
+        a_out = ActFakeQuant(cfg.act_bits, cfg.act_range, pct=cfg.percentile) if conv else None
         # Hooks return None, so the float model runs unchanged while the observers watch.
         hooks.append(layer.register_forward_pre_hook(
             lambda m, args, q=a_in: q.observer.update(args[0].detach())))
@@ -164,15 +152,13 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
             hooks.append(layer.register_forward_hook(
                 lambda m, args, y, q=a_out: q.observer.update(y.detach())))
         obs[name] = (a_in, a_out)
-    was_training = model.training
-    model.eval()
     try:
-        for x in batches:
-            run_model(model, x)
+        with eval_mode(model):
+            for x in batches:
+                call(model, x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     for a_in, a_out in obs.values():
         a_in.freeze()
         if a_out is not None:
@@ -180,16 +166,21 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
     return obs
 
 
-def quantize(model: nn.Module, config: PTQConfig | None = None, calibration_data: Any = None) -> nn.Module:
+def quantize(model: nn.Module, config: PTQConfig | None = None, *, example_inputs: Any = None,
+             calibration: Any = None) -> nn.Module:
     """Quantize ``model`` **in place** (its Linear/Conv layers become :class:`QuantizedLayer`)
-    and return it. ``calibration_data`` is needed for ``static`` mode and mixed precision."""
+    and return it. ``calibration`` (a DataBundle, DataLoader, list of batches, tensor, tuple or
+    tokenizer dict) is needed for ``static`` mode and mixed precision; ``example_inputs`` is
+    accepted for the common contract (one batch; used as calibration when none is given)."""
     cfg = config or PTQConfig()
     model.eval()
-    layers = quantizable_layers(model, cfg.skip)
-    layer_bits = dict(cfg.layer_bits)
+    if calibration is None and example_inputs is not None:
+        calibration = [example_inputs]
+    layers = quantizable_layers(model, cfg.ignore)
+    layer_bits = dict(cfg.overrides)
     batches: list[Inputs] | None = None
     if cfg.mode == "static" or cfg.target_bits is not None:
-        batches = calibration_batches(calibration_data, cfg.calib_batches)
+        batches = need_batches(calibration, cfg.calibration_batches, f"{cfg.mode} quantization")
     if cfg.target_bits is not None:
         from deepshrink.quantization.mixed import choose_bits, layer_sensitivity
 
@@ -204,15 +195,15 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calibration_data
         spec = cfg.spec_for(name, bits_for(name, cfg.bits, layer_bits))
         a_in, a_out = acts.get(name, (None, None))
         q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out)
-        set_module(model, name, q)
+        set_submodule(model, name, q)
         metas[name] = q.meta
     if cfg.embedding_bits is not None:
         emb = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding
-               and not any(fnmatch.fnmatchcase(n, p) for p in cfg.skip)]
+               and not name_matches(n, cfg.ignore)]
         for name, layer in emb:
             spec = QuantSpec(bits=cfg.embedding_bits, symmetric=True, granularity="channel")
             q = QuantizedLayer.from_float(layer, spec, "weight-only", method=cfg.weight_range)
-            set_module(model, name, q)
+            set_submodule(model, name, q)
             metas[name] = q.meta
     record_edit(model, {"kind": "quantize", "layers": metas})
     return model
@@ -222,7 +213,7 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calibration_data
 def _replay_quantize(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild empty quantized layers of the recorded shapes; the file fills their buffers."""
     for name, meta in edit["layers"].items():
-        set_module(model, name, QuantizedLayer(meta))
+        set_submodule(model, name, QuantizedLayer(meta))
     return model
 
 
