@@ -196,7 +196,8 @@ class _LogitsWrapper(nn.Module):
 
 
 def export_onnx(model: nn.Module, path: str | Path | None,
-                example: torch.Tensor | tuple | dict[str, torch.Tensor], *, opset: int = OPSET, dynamic_seq: bool = False, output: str | None = None) -> bytes:
+                example: torch.Tensor | tuple | dict[str, torch.Tensor], *, opset: int = OPSET,
+                dynamic_seq: bool = False, output: str | None = None) -> bytes:
     """Export ``model`` (float or quantized) to a single ONNX file with a dynamic batch axis.
 
     ``example`` is an input batch, or a dict of named inputs (``{"input_ids": ...}`` for a
