@@ -127,7 +127,8 @@ def test_bert_linear_layers(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = model(ids).logits
     q = quantize(copy.deepcopy(model), PTQConfig(mode="static"), calibration=ids)
-    assert set(quantized_layers(q)) == set(names)
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    assert set(quantized_layers(q)) == set(names) | embeddings  # embeddings: most of the bytes
     with torch.no_grad():
         out = q(ids).logits
     assert float(nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)) > 0.99

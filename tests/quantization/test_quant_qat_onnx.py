@@ -111,9 +111,12 @@ def test_onnx_export_matches_torch_and_is_small(trained, digits, tmp_path: Path,
     ort = OrtModel(path, threads=1)
     with torch.no_grad():
         ref = q(x)
-    # dynamic: ORT's u8s8 kernels on AVX2 may saturate int16 pair sums, hence the looser bound
-    atol = {"static": 1e-4, "dynamic": 0.05, "weight-only": 0.05}[mode]
-    assert torch.allclose(ort(x), ref, atol=atol), float((ort(x) - ref).abs().max())
+    # dynamic: ORT's u8s8 kernels on AVX2 may saturate int16 pair sums, hence the looser bound;
+    # static: the smoothing Mul before QuantizeLinear may put an input an ulp across a rounding
+    # boundary (one level apart), so the mean error is tight and the max one step's effect.
+    err = (ort(x) - ref).abs()
+    assert float(err.mean()) < {"static": 1e-4, "dynamic": 0.01, "weight-only": 0.01}[mode]
+    assert float(err.max()) < 0.05, float(err.max())
     assert evaluate(ort, digits.loader("test", 512))["top1"] >= evaluate(q, digits.loader("test", 512))[
         "top1"] - 0.01
     lat = measure_latency(ort, x[:1], warmup=1, repeats=3, min_time_s=0.0)
@@ -147,8 +150,8 @@ def test_bert_export_runs_in_ort() -> None:
     q = quantize(copy.deepcopy(model), PTQConfig(mode="static", embedding_bits=8), calibration=ids)
     data = export_onnx(q, None, {"input_ids": ids}, dynamic_seq=True)
     # int8 embedding table and Linear weights (a quarter of fp32) plus per-row scales and ~40 KB of
-    # graph structure that does not shrink
-    assert len(data) < fp32_bytes / 4 + 50_000
+    # graph structure that does not shrink (with smoothing factors and a Mul node per linear)
+    assert len(data) < fp32_bytes / 4 + 55_000
     ort = OrtModel(data)
     with torch.no_grad():
         ref = q(ids).logits

@@ -469,6 +469,10 @@ class QuantizedLayer(nn.Module):
     def embedding_dim(self) -> int:
         return int(self.shape[1])
 
+    def reset_cache(self) -> None:
+        """Forget the cached dense weight (after its buffers were changed in place)."""
+        self._dense = None
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._dense = None
         super()._load_from_state_dict(*args, **kwargs)

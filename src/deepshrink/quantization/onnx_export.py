@@ -40,6 +40,7 @@ from deepshrink.quantization.modules import (
     act_fake_quant,
     apply_layer,
     dynamic_fake_quant,
+    token_fake_quant,
 )
 
 OPSET = 17
@@ -77,10 +78,12 @@ class _QLayerFn(torch.autograd.Function):
         if layer.kind == "embedding":
             w = (t["wq"].float() - t["wz"].float().reshape(-1, 1)) * t["ws_r"]
             return torch.nn.functional.embedding(x, w)
+        if layer.in_mul is not None:
+            x = x * t["sm"]
         if layer.mode == "static":
             x = act_fake_quant(x, t["a_s"], t["a_z"].float(), 8)
         elif layer.mode == "dynamic":
-            x = dynamic_fake_quant(x)
+            x = token_fake_quant(x) if layer.act_granularity == "token" else dynamic_fake_quant(x)
         if layer.kind == "linear":
             w = ((t["wq"].float() - t["wz"].float()) * t["ws"]).t()
         else:
@@ -93,9 +96,13 @@ class _QLayerFn(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, x: Any, key: int, wq: Any, ws: Any, wz: Any, b: Any,
-                 a_s: Any, a_z: Any, o_s: Any, o_z: Any, ws_r: Any, b_r: Any) -> Any:
+                 a_s: Any, a_z: Any, o_s: Any, o_z: Any, ws_r: Any, b_r: Any, sm: Any) -> Any:
         layer = _EXPORTING[key]
         mode = layer.mode
+        if layer.in_mul is not None:  # SmoothQuant factors kept in the layer
+            x = g.op("Mul", x, sm)
+        if layer.kind == "linear" and mode == "dynamic" and layer.act_granularity == "token":
+            return _token_matmul(g, x, wq, ws, wz, b)
         if layer.kind == "embedding":
             # Gather int8 rows and their scales, then dequantize only the rows used.
             rows = g.op("Cast", g.op("Gather", wq, x, axis_i=0), to_i=1)
@@ -127,6 +134,19 @@ class _QLayerFn(torch.autograd.Function):
         return y
 
 
+def _token_matmul(g: Any, x: Any, wq: Any, ws: Any, wz: Any, b: Any) -> Any:
+    """Per-token symmetric int8 inputs with standard ONNX ops around ``MatMulInteger``:
+    s = max|x| / 127 per row; q = round(x / s) in [-127, 127], stored as uint8 q + 128 with zero
+    point 128 (ONNX Runtime's u8 x s8 kernel is its fast one); y = float(q W) * s * w_scale + b."""
+    f32 = lambda v: g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+    s = g.op("Div", g.op("Max", amax, f32(1e-8)), f32(127.0))
+    q = g.op("Cast", g.op("Add", g.op("Round", g.op("Div", x, s)), f32(128.0)), to_i=2)  # 2: UINT8
+    zp = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
+    yi = g.op("Cast", g.op("MatMulInteger", q, wq, zp, wz), to_i=1)  # 1: FLOAT
+    return g.op("Add", g.op("Mul", g.op("Mul", yi, ws), s), b)
+
+
 def _typed(y: Any, x: Any, out_features: int) -> Any:
     """Give a contrib op's output its type so the exporter's shape inference stays quiet."""
     try:
@@ -141,7 +161,7 @@ def _u8(z: torch.Tensor) -> torch.Tensor:
     return z.round().clamp(0, 255).to(torch.uint8).reshape(())
 
 
-_ARGS = ("wq", "ws", "wz", "b", "a_s", "a_z", "o_s", "o_z", "ws_r", "b_r")
+_ARGS = ("wq", "ws", "wz", "b", "a_s", "a_z", "o_s", "o_z", "ws_r", "b_r", "sm")
 
 
 def _export_tensors(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
@@ -172,7 +192,8 @@ def _export_tensors(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
             "o_s": layer.out_scale.reshape(()).clone() if has_out else one,
             "o_z": _u8(layer.out_zero) if has_out else zero,
             "ws_r": (ws.expand(out_ch) if ws.dim() == 0 else ws).reshape(bshape).clone(),
-            "b_r": b.reshape(bshape).clone()}
+            "b_r": b.reshape(bshape).clone(),
+            "sm": layer.in_mul.clone() if layer.in_mul is not None else one}
 
 
 def export_layer(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:

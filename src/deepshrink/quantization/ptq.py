@@ -26,16 +26,28 @@ from torch import nn
 
 from deepshrink.config import Config, check
 from deepshrink.errors import DataError
-from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, set_submodule
+from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, output_tensor, set_submodule
 from deepshrink.models import record_edit, register_edit
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
 from deepshrink.quantization.modules import (
+    ACT_GRANULARITIES,
     MODES,
     ActFakeQuant,
     QuantizedLayer,
+    float_weight,
+    is_hf_conv1d,
     is_quantizable,
 )
 from deepshrink.quantization.observers import ACT_RANGE_METHODS, RANGE_METHODS
+from deepshrink.quantization.smooth import (
+    InputStats,
+    bias_correction,
+    collect_stats,
+    fold_groups,
+    same_output,
+    smooth_factors,
+    try_fold,
+)
 
 
 def validate_weight_fields(cfg: Any) -> None:
@@ -56,21 +68,32 @@ def validate_weight_fields(cfg: Any) -> None:
 
 @dataclasses.dataclass
 class PTQConfig(Config):
-    mode: str = "static"  # weight-only | dynamic | static
+    """Post-training quantization settings. The defaults are the measured best on a real
+    pretrained transformer and still right for small CNNs/MLPs (see the README table):
+    int8 weights per output channel; linear inputs quantized per token at run time after
+    SmoothQuant migration (α = 0.5, when calibration data is given); convs per tensor;
+    embedding tables to int8 when they hold at least ``embedding_share`` of the parameters."""
+
+    mode: str = "dynamic"  # weight-only | dynamic | static
     bits: int = 8  # weight bits (1 = binary; 2 with symmetric = ternary)
     act_bits: int = 8  # static mode activations (ONNX export needs 8)
-    symmetric: bool = True  # weights; activations are always affine (uint8 in ONNX)
+    symmetric: bool = True  # weights; static activations are affine (uint8 in ONNX)
     granularity: str = "channel"  # tensor | channel | group (group: weight-only / safetensors)
     group_size: int = 64
     weight_range: str = "mse"  # minmax | percentile | mse
-    act_range: str = "percentile"  # minmax | moving_average | percentile | mse
+    act_range: str = "percentile"  # static mode: minmax | moving_average | percentile | mse
+    act_granularity: str = "token"  # dynamic linears: tensor (uint8) | token (int8 per row)
+    smooth_alpha: float | None = 0.5  # SmoothQuant migration strength (None: off); needs calibration
+    bias_correction: bool = False  # cancel the mean output shift of quantized weights
+    target_cosine: float | None = None  # keep the most sensitive layers float until output cosine >= this
     percentile: float = 99.99
     calibration_batches: int = 8
     overrides: dict[str, int] = dataclasses.field(default_factory=dict)  # name regex -> weight bits
     ignore: tuple[str, ...] = ()  # name regexes (full match) left in float
     target_bits: float | None = None  # mixed precision: average weight bits to reach
     candidate_bits: tuple[int, ...] = (2, 4, 8)
-    embedding_bits: int | None = None  # also quantize nn.Embedding tables (weight-only, per row)
+    embedding_bits: int | None = 8  # nn.Embedding tables (weight-only, per row); None: never
+    embedding_share: float = 0.1  # ...only when embeddings hold at least this share of parameters
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -79,10 +102,20 @@ class PTQConfig(Config):
         validate_bits(n, "act_bits", self.act_bits)
         check(self.act_range in ACT_RANGE_METHODS, n, "act_range",
               f"must be one of {ACT_RANGE_METHODS}, got {self.act_range!r}")
+        check(self.act_granularity in ACT_GRANULARITIES, n, "act_granularity",
+              f"must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}")
+        if self.smooth_alpha is not None:
+            check(0.0 <= self.smooth_alpha <= 1.0, n, "smooth_alpha",
+                  f"must be in [0, 1] or None, got {self.smooth_alpha}")
+        if self.target_cosine is not None:
+            check(0.0 < self.target_cosine <= 1.0, n, "target_cosine",
+                  f"must be in (0, 1], got {self.target_cosine}")
         check(50.0 < self.percentile <= 100.0, n, "percentile",
               f"must be in (50, 100], got {self.percentile}")
         check(self.calibration_batches >= 1, n, "calibration_batches",
               f"must be >= 1, got {self.calibration_batches}")
+        check(0.0 <= self.embedding_share <= 1.0, n, "embedding_share",
+              f"must be in [0, 1], got {self.embedding_share}")
         for b in self.candidate_bits:
             validate_bits(n, "candidate_bits", b)
         if self.embedding_bits is not None:
@@ -137,8 +170,11 @@ def need_batches(calibration: Any, n: int, why: str) -> list[Inputs]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Inputs],
-              cfg: PTQConfig) -> dict[str, tuple[ActFakeQuant, ActFakeQuant | None]]:
-    """Observe each layer's input (and conv output) over the batches; return frozen quantizers."""
+              cfg: PTQConfig, smooth: dict[str, torch.Tensor] | None = None
+              ) -> dict[str, tuple[ActFakeQuant, ActFakeQuant | None]]:
+    """Observe each layer's input (divided by its smoothing factors, if any) and conv output
+    over the batches; return frozen quantizers."""
+    smooth = smooth or {}
     obs: dict[str, tuple[ActFakeQuant, ActFakeQuant | None]] = {}
     hooks = []
     for name, layer in layers:
@@ -146,8 +182,10 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
         conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
         a_out = ActFakeQuant(cfg.act_bits, cfg.act_range, pct=cfg.percentile) if conv else None
         # Hooks return None, so the float model runs unchanged while the observers watch.
+        inv = 1.0 / smooth[name] if name in smooth else None
         hooks.append(layer.register_forward_pre_hook(
-            lambda m, args, q=a_in: q.observer.update(args[0].detach())))
+            lambda m, args, q=a_in, inv=inv: q.observer.update(
+                args[0].detach() if inv is None else args[0].detach() * inv)))
         if a_out is not None:
             hooks.append(layer.register_forward_hook(
                 lambda m, args, y, q=a_out: q.observer.update(y.detach())))
@@ -166,47 +204,160 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
     return obs
 
 
+@dataclasses.dataclass
+class PTQResult:
+    """What :func:`quantize_with_report` did. ``smoothed`` maps a layer to where its SmoothQuant
+    division went ("in layer" or the norm it was folded into); ``kept_float`` lists the layers
+    the fidelity fallback left in float; ``cosine`` is the output cosine (mean over calibration
+    samples) against the float model, when it was measured."""
+
+    model: nn.Module
+    quantized: list[str]
+    kept_float: list[str]
+    smoothed: dict[str, str]
+    embeddings: list[str]
+    cosine: float | None = None
+    cosine_before_fallback: float | None = None
+
+
 def quantize(model: nn.Module, config: PTQConfig | None = None, *, example_inputs: Any = None,
              calibration: Any = None) -> nn.Module:
     """Quantize ``model`` **in place** (its Linear/Conv layers become :class:`QuantizedLayer`)
     and return it. ``calibration`` (a DataBundle, DataLoader, list of batches, tensor, tuple or
-    tokenizer dict) is needed for ``static`` mode and mixed precision; ``example_inputs`` is
-    accepted for the common contract (one batch; used as calibration when none is given)."""
+    tokenizer dict) is needed for ``static`` mode, mixed precision, smoothing and the fidelity
+    fallback; ``example_inputs`` (one batch) serves as calibration when none is given.
+    :func:`quantize_with_report` says what was done."""
+    return quantize_with_report(model, config, example_inputs=example_inputs,
+                                calibration=calibration).model
+
+
+def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
+                         example_inputs: Any = None, calibration: Any = None) -> PTQResult:
+    """:func:`quantize`, returning a :class:`PTQResult`."""
     cfg = config or PTQConfig()
     model.eval()
     if calibration is None and example_inputs is not None:
         calibration = [example_inputs]
     layers = quantizable_layers(model, cfg.ignore)
-    layer_bits = dict(cfg.overrides)
-    batches: list[Inputs] | None = None
-    if cfg.mode == "static" or cfg.target_bits is not None:
-        batches = need_batches(calibration, cfg.calibration_batches, f"{cfg.mode} quantization")
-    if cfg.target_bits is not None:
-        from deepshrink.quantization.mixed import choose_bits, layer_sensitivity
-
-        assert batches is not None
-        sens = layer_sensitivity(model, layers, batches, cfg)
-        sizes = {n: m.weight.numel() for n, m in layers}
-        chosen = choose_bits(sens, sizes, cfg.target_bits)
-        layer_bits = {**chosen, **layer_bits}
-    acts = calibrate(model, layers, batches, cfg) if cfg.mode == "static" else {}
-    metas: dict[str, Any] = {}
+    batches = _batches(cfg, calibration)
+    layer_bits = _layer_bits(model, layers, batches, cfg)
+    refs = _reference_outputs(model, batches) if cfg.target_cosine is not None else None
+    smooth, where, stats = _smooth(model, layers, batches, cfg)
+    acts = calibrate(model, layers, batches or [], cfg, smooth) if cfg.mode == "static" else {}
+    floats = dict(layers)
     for name, layer in layers:
         spec = cfg.spec_for(name, bits_for(name, cfg.bits, layer_bits))
         a_in, a_out = acts.get(name, (None, None))
-        q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out)
+        q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out,
+                                      act_granularity=cfg.act_granularity, smooth=smooth.get(name))
+        if cfg.bias_correction and name in stats and q.bias is not None:
+            s = smooth.get(name, torch.ones(1))
+            q.bias.data.copy_(bias_correction(layer, q.dense_weight(), stats[name].mean / s, s))
+            q.reset_cache()
         set_submodule(model, name, q)
-        metas[name] = q.meta
-    if cfg.embedding_bits is not None:
-        emb = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding
-               and not name_matches(n, cfg.ignore)]
-        for name, layer in emb:
-            spec = QuantSpec(bits=cfg.embedding_bits, symmetric=True, granularity="channel")
-            q = QuantizedLayer.from_float(layer, spec, "weight-only", method=cfg.weight_range)
-            set_submodule(model, name, q)
-            metas[name] = q.meta
+    embeddings = _quantize_embeddings(model, cfg)
+    res = PTQResult(model, [n for n, _ in layers], [], where, embeddings)
+    if refs is not None:
+        assert batches is not None and cfg.target_cosine is not None
+        from deepshrink.quantization.fallback import keep_float_until
+
+        res.kept_float, res.cosine_before_fallback, res.cosine = keep_float_until(
+            model, floats, batches, refs, cfg.target_cosine)
+        res.quantized = [n for n in res.quantized if n not in res.kept_float]
+    metas = {n: m.meta for n, m in quantized_layers(model).items()}
     record_edit(model, {"kind": "quantize", "layers": metas})
-    return model
+    return res
+
+
+def _batches(cfg: PTQConfig, calibration: Any) -> list[Inputs] | None:
+    needs = [why for why, on in (("static quantization", cfg.mode == "static"),
+                                 ("mixed precision (target_bits)", cfg.target_bits is not None),
+                                 ("the fidelity fallback (target_cosine)", cfg.target_cosine is not None))
+             if on]
+    if needs:
+        return need_batches(calibration, cfg.calibration_batches, needs[0])
+    if calibration is not None:  # optional uses: smoothing, bias correction
+        return calibration_batches(calibration, cfg.calibration_batches) or None
+    return None
+
+
+def _layer_bits(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Inputs] | None,
+                cfg: PTQConfig) -> dict[str, int]:
+    layer_bits = dict(cfg.overrides)
+    if cfg.target_bits is None:
+        return layer_bits
+    from deepshrink.quantization.mixed import choose_bits, layer_sensitivity
+
+    assert batches is not None
+    sens = layer_sensitivity(model, layers, batches, cfg)
+    sizes = {n: m.weight.numel() for n, m in layers}
+    return {**choose_bits(sens, sizes, cfg.target_bits), **layer_bits}
+
+
+@torch.no_grad()
+def _reference_outputs(model: nn.Module, batches: list[Inputs] | None) -> list[torch.Tensor]:
+    assert batches is not None
+    with eval_mode(model):
+        return [output_tensor(call(model, x)).float() for x in batches]
+
+
+def _smooth(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Inputs] | None,
+            cfg: PTQConfig) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, InputStats]]:
+    """SmoothQuant factors per linear layer (folded into a norm where that is exact: those
+    layers get no factor of their own), where each went, and the input statistics."""
+    linears = [(n, m) for n, m in layers if _layer_kind_is_linear(m)]
+    want_smooth = cfg.smooth_alpha is not None and cfg.mode != "weight-only"
+    if batches is None or not linears or not (want_smooth or cfg.bias_correction):
+        return {}, {}, {}
+    stats, produced = collect_stats(model, linears, batches, norms=want_smooth)
+    if not want_smooth:
+        return {}, {}, stats
+    assert cfg.smooth_alpha is not None
+    by_name = dict(linears)
+    smooth: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    ref = _reference_outputs(model, batches[:1])[0]
+    for norm_name, names in fold_groups(by_name, stats, produced).items():
+        s = smooth_factors(_group_amax(stats, names), [float_weight(by_name[n]) for n in names],
+                           cfg.smooth_alpha)
+        norm = model.get_submodule(norm_name)
+        if try_fold(model, norm, [by_name[n] for n in names], s,
+                    lambda: same_output(model, batches[0], ref)):
+            for n in names:
+                where[n] = f"folded into {norm_name}"
+                stats[n].scale_by(1 / s)
+    for n, layer in linears:
+        if n not in where and stats[n].amax is not None:
+            smooth[n] = smooth_factors(stats[n].amax, [float_weight(layer)], cfg.smooth_alpha)
+            where[n] = "in layer"
+    return smooth, where, stats
+
+
+def _group_amax(stats: dict[str, InputStats], names: list[str]) -> torch.Tensor:
+    return torch.stack([stats[n].amax for n in names if stats[n].amax is not None]).amax(0)
+
+
+def _layer_kind_is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_hf_conv1d(m)
+
+
+def _quantize_embeddings(model: nn.Module, cfg: PTQConfig) -> list[str]:
+    """Embedding tables to ``embedding_bits`` (weight-only, one scale per row) when they hold at
+    least ``embedding_share`` of the model's parameters (in a small-vocabulary model they are
+    not worth the gather-and-scale step)."""
+    if cfg.embedding_bits is None:
+        return []
+    emb = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding
+           and m.max_norm is None and not name_matches(n, cfg.ignore)]
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        m.weight_bytes() for m in model.modules() if isinstance(m, QuantizedLayer))
+    if not emb or sum(m.weight.numel() for _, m in emb) < cfg.embedding_share * total:
+        return []
+    for name, layer in emb:
+        spec = QuantSpec(bits=cfg.embedding_bits, symmetric=True, granularity="channel")
+        set_submodule(model, name, QuantizedLayer.from_float(layer, spec, "weight-only",
+                                                             method=cfg.weight_range))
+    return [n for n, _ in emb]
 
 
 @register_edit("quantize")
