@@ -100,7 +100,7 @@ class _QLayerFn(torch.autograd.Function):
         layer = _EXPORTING[key]
         mode = layer.mode
         if layer.in_mul is not None:  # SmoothQuant factors kept in the layer
-            x = g.op("Mul", x, sm)
+            x = _shared(("mul", _value_id(x), _tensor_key(layer.in_mul)), lambda: g.op("Mul", x, sm))
         if layer.kind == "linear" and mode == "dynamic" and layer.act_granularity == "token":
             return _token_matmul(g, x, wq, ws, wz, b)
         if layer.kind == "embedding":
@@ -134,17 +134,40 @@ class _QLayerFn(torch.autograd.Function):
         return y
 
 
+# Layers fed the same tensor (query / key / value) share one smoothing Mul and one per-token
+# quantization: built once per export, keyed by the input value and the factors.
+_SHARED: dict[tuple, Any] = {}
+
+
+def _shared(key: tuple, build: Any) -> Any:
+    if key not in _SHARED:
+        _SHARED[key] = build()
+    return _SHARED[key]
+
+
+def _value_id(v: Any) -> int:
+    return int(v.unique()) if hasattr(v, "unique") else id(v)
+
+
+def _tensor_key(t: torch.Tensor) -> int:
+    return hash(t.detach().cpu().numpy().tobytes())
+
+
 def _token_matmul(g: Any, x: Any, wq: Any, ws: Any, wz: Any, b: Any) -> Any:
     """Per-token symmetric int8 inputs with standard ONNX ops around ``MatMulInteger``:
     s = max|x| / 127 per row; q = round(x / s) in [-127, 127], stored as uint8 q + 128 with zero
     point 128 (ONNX Runtime's u8 x s8 kernel is its fast one); y = float(q W) * s * w_scale + b."""
+    q, s, zp = _shared(("token", _value_id(x)), lambda: _token_quant(g, x))
+    yi = g.op("Cast", g.op("MatMulInteger", q, wq, zp, wz), to_i=1)  # 1: FLOAT
+    return g.op("Add", g.op("Mul", g.op("Mul", yi, ws), s), b)
+
+
+def _token_quant(g: Any, x: Any) -> tuple[Any, Any, Any]:
     f32 = lambda v: g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32))  # noqa: E731
     amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
     s = g.op("Div", g.op("Max", amax, f32(1e-8)), f32(127.0))
     q = g.op("Cast", g.op("Add", g.op("Round", g.op("Div", x, s)), f32(128.0)), to_i=2)  # 2: UINT8
-    zp = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
-    yi = g.op("Cast", g.op("MatMulInteger", q, wq, zp, wz), to_i=1)  # 1: FLOAT
-    return g.op("Add", g.op("Mul", g.op("Mul", yi, ws), s), b)
+    return q, s, g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
 
 
 def _typed(y: Any, x: Any, out_features: int) -> Any:
@@ -252,6 +275,7 @@ def export_onnx(model: nn.Module, path: str | Path | None,
                               custom_opsets=contrib, do_constant_folding=True)
     finally:
         _EXPORTING.clear()
+        _SHARED.clear()
         for layer in layers:
             for k in _ARGS:
                 delattr(layer, f"onnx_{k}")

@@ -41,10 +41,12 @@ from deepshrink.quantization.modules import (
 from deepshrink.quantization.observers import ACT_RANGE_METHODS, RANGE_METHODS
 from deepshrink.quantization.smooth import (
     InputStats,
+    act_errors,
     bias_correction,
     collect_stats,
     fold_groups,
     same_output,
+    shared_inputs,
     smooth_factors,
     try_fold,
 )
@@ -82,7 +84,8 @@ class PTQConfig(Config):
     group_size: int = 64
     weight_range: str = "mse"  # minmax | percentile | mse
     act_range: str = "percentile"  # static mode: minmax | moving_average | percentile | mse
-    act_granularity: str = "token"  # dynamic linears: tensor (uint8) | token (int8 per row)
+    act_granularity: str = "auto"  # dynamic linears: tensor (uint8) | token (int8 per row) | auto
+    token_threshold: float = 0.02  # auto: per token where per-tensor inputs cost more output error
     smooth_alpha: float | None = 0.5  # SmoothQuant migration strength (None: off); needs calibration
     bias_correction: bool = False  # cancel the mean output shift of quantized weights
     target_cosine: float | None = None  # keep the most sensitive layers float until output cosine >= this
@@ -102,8 +105,9 @@ class PTQConfig(Config):
         validate_bits(n, "act_bits", self.act_bits)
         check(self.act_range in ACT_RANGE_METHODS, n, "act_range",
               f"must be one of {ACT_RANGE_METHODS}, got {self.act_range!r}")
-        check(self.act_granularity in ACT_GRANULARITIES, n, "act_granularity",
-              f"must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}")
+        check(self.act_granularity in (*ACT_GRANULARITIES, "auto"), n, "act_granularity",
+              f"must be one of {(*ACT_GRANULARITIES, 'auto')}, got {self.act_granularity!r}")
+        check(self.token_threshold >= 0, n, "token_threshold", f"must be >= 0, got {self.token_threshold}")
         if self.smooth_alpha is not None:
             check(0.0 <= self.smooth_alpha <= 1.0, n, "smooth_alpha",
                   f"must be in [0, 1] or None, got {self.smooth_alpha}")
@@ -208,7 +212,8 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
 class PTQResult:
     """What :func:`quantize_with_report` did. ``smoothed`` maps a layer to where its SmoothQuant
     division went ("in layer" or the norm it was folded into); ``kept_float`` lists the layers
-    the fidelity fallback left in float; ``cosine`` is the output cosine (mean over calibration
+    the fidelity fallback left in float; ``per_token`` the dynamic linears whose inputs are
+    quantized per token; ``cosine`` is the output cosine (mean over calibration
     samples) against the float model, when it was measured."""
 
     model: nn.Module
@@ -218,6 +223,7 @@ class PTQResult:
     embeddings: list[str]
     cosine: float | None = None
     cosine_before_fallback: float | None = None
+    per_token: list[str] = dataclasses.field(default_factory=list)
 
 
 def quantize(model: nn.Module, config: PTQConfig | None = None, *, example_inputs: Any = None,
@@ -245,18 +251,21 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     smooth, where, stats = _smooth(model, layers, batches, cfg)
     acts = calibrate(model, layers, batches or [], cfg, smooth) if cfg.mode == "static" else {}
     floats = dict(layers)
+    granularity = _act_granularity(layers, stats, smooth, cfg)
     for name, layer in layers:
         spec = cfg.spec_for(name, bits_for(name, cfg.bits, layer_bits))
         a_in, a_out = acts.get(name, (None, None))
         q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out,
-                                      act_granularity=cfg.act_granularity, smooth=smooth.get(name))
+                                      act_granularity=granularity.get(name, "tensor"),
+                                      smooth=smooth.get(name))
         if cfg.bias_correction and name in stats and q.bias is not None:
             s = smooth.get(name, torch.ones(1))
             q.bias.data.copy_(bias_correction(layer, q.dense_weight(), stats[name].mean / s, s))
             q.reset_cache()
         set_submodule(model, name, q)
     embeddings = _quantize_embeddings(model, cfg)
-    res = PTQResult(model, [n for n, _ in layers], [], where, embeddings)
+    res = PTQResult(model, [n for n, _ in layers], [], where, embeddings,
+                    per_token=[n for n, g in granularity.items() if g == "token"])
     if refs is not None:
         assert batches is not None and cfg.target_cosine is not None
         from deepshrink.quantization.fallback import keep_float_until
@@ -307,7 +316,9 @@ def _smooth(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list
     layers get no factor of their own), where each went, and the input statistics."""
     linears = [(n, m) for n, m in layers if _layer_kind_is_linear(m)]
     want_smooth = cfg.smooth_alpha is not None and cfg.mode != "weight-only"
-    if batches is None or not linears or not (want_smooth or cfg.bias_correction):
+    auto = cfg.mode == "dynamic" and cfg.act_granularity == "auto"
+    want_stats = want_smooth or cfg.bias_correction or auto
+    if batches is None or not linears or not want_stats:
         return {}, {}, {}
     stats, produced = collect_stats(model, linears, batches, norms=want_smooth)
     if not want_smooth:
@@ -326,11 +337,34 @@ def _smooth(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list
             for n in names:
                 where[n] = f"folded into {norm_name}"
                 stats[n].scale_by(1 / s)
-    for n, layer in linears:
-        if n not in where and stats[n].amax is not None:
-            smooth[n] = smooth_factors(stats[n].amax, [float_weight(layer)], cfg.smooth_alpha)
+    rest = [n for n, _ in linears if n not in where and stats[n].amax is not None]
+    for group in shared_inputs(rest, stats):  # one factor per shared input: one Mul in the graph
+        s = smooth_factors(_group_amax(stats, group), [float_weight(by_name[n]) for n in group],
+                           cfg.smooth_alpha)
+        for n in group:
+            smooth[n] = s
             where[n] = "in layer"
     return smooth, where, stats
+
+
+def _act_granularity(layers: list[tuple[str, nn.Module]], stats: dict[str, InputStats],
+                     smooth: dict[str, torch.Tensor], cfg: PTQConfig) -> dict[str, str]:
+    """Input granularity of each dynamic linear. ``auto`` measures each layer on calibration
+    inputs: per token (more ops at run time) only where per-tensor inputs cost more than
+    ``token_threshold`` relative output error; per tensor without calibration data."""
+    if cfg.mode != "dynamic":
+        return {}
+    if cfg.act_granularity != "auto":
+        return {n: cfg.act_granularity for n, m in layers if _layer_kind_is_linear(m)}
+    out = {}
+    for n, m in layers:
+        st = stats.get(n)
+        if not _layer_kind_is_linear(m) or st is None or st.sample is None:
+            continue
+        s = smooth.get(n, torch.ones(1))
+        tensor_err, _ = act_errors(float_weight(m) * s[None, :], st.sample / s)
+        out[n] = "token" if tensor_err > cfg.token_threshold else "tensor"
+    return out
 
 
 def _group_amax(stats: dict[str, InputStats], names: list[str]) -> torch.Tensor:
@@ -353,10 +387,11 @@ def _quantize_embeddings(model: nn.Module, cfg: PTQConfig) -> list[str]:
         m.weight_bytes() for m in model.modules() if isinstance(m, QuantizedLayer))
     if not emb or sum(m.weight.numel() for _, m in emb) < cfg.embedding_share * total:
         return []
+    # 8-bit rows gain nothing measurable from MSE clipping, which costs ~1 min on a 30k vocabulary.
+    method = "minmax" if cfg.embedding_bits >= 8 else cfg.weight_range
     for name, layer in emb:
         spec = QuantSpec(bits=cfg.embedding_bits, symmetric=True, granularity="channel")
-        set_submodule(model, name, QuantizedLayer.from_float(layer, spec, "weight-only",
-                                                             method=cfg.weight_range))
+        set_submodule(model, name, QuantizedLayer.from_float(layer, spec, "weight-only", method=method))
     return [n for n, _ in emb]
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from deepshrink.modeling import Inputs, call, eval_mode, output_tensor
 from deepshrink.quantization.modules import float_weight, is_hf_conv1d
 
+SAMPLE_ROWS = 1024  # input rows (tokens) kept per layer to measure activation quantization error
 NORMS = ("LayerNorm", "RMSNorm", "LlamaRMSNorm", "T5LayerNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
@@ -41,6 +42,7 @@ class InputStats:
         self.total: torch.Tensor | None = None
         self.count = 0
         self.source: int | None = None  # id of the tensor object the layer received (last batch)
+        self.sample: torch.Tensor | None = None  # up to SAMPLE_ROWS input rows (tokens)
 
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(-1, x.shape[-1])
@@ -48,11 +50,17 @@ class InputStats:
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
         self.total = total if self.total is None else self.total + total
         self.count += flat.shape[0]
+        have = 0 if self.sample is None else self.sample.shape[0]
+        if have < SAMPLE_ROWS:
+            rows = flat[: SAMPLE_ROWS - have].clone()
+            self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
 
     def scale_by(self, f: torch.Tensor) -> None:
         """The statistics of ``x * f`` (``f`` > 0 per channel), e.g. after a fold divided x by s."""
         assert self.amax is not None and self.total is not None
         self.amax, self.total = self.amax * f, self.total * f
+        if self.sample is not None:
+            self.sample = self.sample * f
 
     @property
     def mean(self) -> torch.Tensor:
@@ -161,3 +169,25 @@ def bias_correction(layer: nn.Module, dense_weight: torch.Tensor, mean_in: torch
     w = float_weight(layer) * smooth[None, :]
     b = layer.bias.detach().float() if getattr(layer, "bias", None) is not None else torch.zeros(w.shape[0])
     return b - (dense_weight - w) @ mean_in
+
+
+def shared_inputs(names: list[str], stats: dict[str, InputStats]) -> list[list[str]]:
+    """Groups of layers that received the very same input tensor (e.g. query, key, value)."""
+    groups: dict[int | str, list[str]] = {}
+    for n in names:
+        src = stats[n].source
+        groups.setdefault(src if src is not None else n, []).append(n)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def act_errors(weight: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    """Relative output error of a linear layer (float weight, (out, in)) on inputs ``x`` when
+    they are quantized per tensor (uint8, dynamic) vs per token (int8): the measurement behind
+    ``act_granularity="auto"``. Both in the smoothed space when the layer is smoothed."""
+    from deepshrink.quantization.modules import dynamic_fake_quant, token_fake_quant
+
+    y = x @ weight.t()
+    norm = y.norm().clamp_min(1e-12)
+    return (float((dynamic_fake_quant(x) @ weight.t() - y).norm() / norm),
+            float((token_fake_quant(x) @ weight.t() - y).norm() / norm))
