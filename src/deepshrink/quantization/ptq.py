@@ -43,12 +43,7 @@ from deepshrink.quantization.smooth import (
     InputStats,
     act_errors,
     bias_correction,
-    collect_stats,
-    fold_groups,
-    same_output,
-    shared_inputs,
-    smooth_factors,
-    try_fold,
+    migrate,
 )
 
 
@@ -312,39 +307,12 @@ def _reference_outputs(model: nn.Module, batches: list[Inputs] | None) -> list[t
 
 def _smooth(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Inputs] | None,
             cfg: PTQConfig) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, InputStats]]:
-    """SmoothQuant factors per linear layer (folded into a norm where that is exact: those
-    layers get no factor of their own), where each went, and the input statistics."""
     linears = [(n, m) for n, m in layers if _layer_kind_is_linear(m)]
     want_smooth = cfg.smooth_alpha is not None and cfg.mode != "weight-only"
     auto = cfg.mode == "dynamic" and cfg.act_granularity == "auto"
-    want_stats = want_smooth or cfg.bias_correction or auto
-    if batches is None or not linears or not want_stats:
+    if batches is None or not linears or not (want_smooth or cfg.bias_correction or auto):
         return {}, {}, {}
-    stats, produced = collect_stats(model, linears, batches, norms=want_smooth)
-    if not want_smooth:
-        return {}, {}, stats
-    assert cfg.smooth_alpha is not None
-    by_name = dict(linears)
-    smooth: dict[str, torch.Tensor] = {}
-    where: dict[str, str] = {}
-    ref = _reference_outputs(model, batches[:1])[0]
-    for norm_name, names in fold_groups(by_name, stats, produced).items():
-        s = smooth_factors(_group_amax(stats, names), [float_weight(by_name[n]) for n in names],
-                           cfg.smooth_alpha)
-        norm = model.get_submodule(norm_name)
-        if try_fold(model, norm, [by_name[n] for n in names], s,
-                    lambda: same_output(model, batches[0], ref)):
-            for n in names:
-                where[n] = f"folded into {norm_name}"
-                stats[n].scale_by(1 / s)
-    rest = [n for n, _ in linears if n not in where and stats[n].amax is not None]
-    for group in shared_inputs(rest, stats):  # one factor per shared input: one Mul in the graph
-        s = smooth_factors(_group_amax(stats, group), [float_weight(by_name[n]) for n in group],
-                           cfg.smooth_alpha)
-        for n in group:
-            smooth[n] = s
-            where[n] = "in layer"
-    return smooth, where, stats
+    return migrate(model, linears, batches, cfg.smooth_alpha if want_smooth else None)
 
 
 def _act_granularity(layers: list[tuple[str, nn.Module]], stats: dict[str, InputStats],
@@ -365,10 +333,6 @@ def _act_granularity(layers: list[tuple[str, nn.Module]], stats: dict[str, Input
         tensor_err, _ = act_errors(float_weight(m) * s[None, :], st.sample / s)
         out[n] = "token" if tensor_err > cfg.token_threshold else "tensor"
     return out
-
-
-def _group_amax(stats: dict[str, InputStats], names: list[str]) -> torch.Tensor:
-    return torch.stack([stats[n].amax for n in names if stats[n].amax is not None]).amax(0)
 
 
 def _layer_kind_is_linear(m: nn.Module) -> bool:

@@ -191,3 +191,40 @@ def act_errors(weight: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
     norm = y.norm().clamp_min(1e-12)
     return (float((dynamic_fake_quant(x) @ weight.t() - y).norm() / norm),
             float((token_fake_quant(x) @ weight.t() - y).norm() / norm))
+
+
+def migrate(model: nn.Module, linears: list[tuple[str, nn.Module]], batches: list[Inputs],
+            alpha: float | None) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, InputStats]]:
+    """SmoothQuant migration of strength ``alpha`` for ``linears`` (None: statistics only).
+
+    Folds the division into a norm wherever that leaves the model output unchanged (measured;
+    the model is edited in place and stays exactly equivalent in float); the other layers get
+    factors ``s`` (shared by layers fed the same tensor) that the caller applies inside the
+    quantized layer. Returns (factors per layer, where each layer's division went, the input
+    statistics in the smoothed space of folded layers)."""
+    stats, produced = collect_stats(model, linears, batches, norms=alpha is not None)
+    if alpha is None:
+        return {}, {}, stats
+    by_name = dict(linears)
+    smooth: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    with eval_mode(model), torch.no_grad():
+        ref = output_tensor(call(model, batches[0])).float()
+    for norm_name, names in fold_groups(by_name, stats, produced).items():
+        s = smooth_factors(_group_amax(stats, names), [float_weight(by_name[n]) for n in names], alpha)
+        if try_fold(model, model.get_submodule(norm_name), [by_name[n] for n in names], s,
+                    lambda: same_output(model, batches[0], ref)):
+            for n in names:
+                where[n] = f"folded into {norm_name}"
+                stats[n].scale_by(1 / s)
+    rest = [n for n, _ in linears if n not in where and stats[n].amax is not None]
+    for group in shared_inputs(rest, stats):  # one factor per shared input: one Mul in the graph
+        s = smooth_factors(_group_amax(stats, group), [float_weight(by_name[n]) for n in group], alpha)
+        for n in group:
+            smooth[n] = s
+            where[n] = "in layer"
+    return smooth, where, stats
+
+
+def _group_amax(stats: dict[str, InputStats], names: list[str]) -> torch.Tensor:
+    return torch.stack([stats[n].amax for n in names if stats[n].amax is not None]).amax(0)
