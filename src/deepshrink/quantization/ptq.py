@@ -28,6 +28,7 @@ from deepshrink.config import Config, check
 from deepshrink.errors import DataError
 from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, output_tensor, set_submodule
 from deepshrink.models import record_edit, register_edit
+from deepshrink.models.schema import CONV_ARGS, Bool, Int, List, Map, Obj, Str
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
 from deepshrink.quantization.modules import (
     ACT_GRANULARITIES,
@@ -359,7 +360,16 @@ def _quantize_embeddings(model: nn.Module, cfg: PTQConfig) -> list[str]:
     return [n for n, _ in emb]
 
 
-@register_edit("quantize")
+_QSPEC = Obj({}, optional={"type": Str(choices=("QuantSpec",)), "bits": Int(1, 8), "symmetric": Bool(),
+                           "granularity": Str(choices=GRANULARITIES), "group_size": Int(1, 1 << 20),
+                           "narrow": Bool(), "axis": Int(-8, 8)})
+QUANTIZE_SCHEMA = Obj({"layers": Map(Obj(
+    {"kind": Str(choices=("linear", "conv1d", "conv2d", "embedding")), "mode": Str(choices=MODES),
+     "spec": _QSPEC, "shape": List(Int(0, 1 << 31), min_len=1, max_len=5)},
+    optional={"bias": Bool(), "conv": CONV_ARGS, "act_bits": Int(1, 16), "out_q": Bool()}))})
+
+
+@register_edit("quantize", schema=QUANTIZE_SCHEMA)
 def _replay_quantize(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild empty quantized layers of the recorded shapes; the file fills their buffers."""
     for name, meta in edit["layers"].items():

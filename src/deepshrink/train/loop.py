@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
+from deepshrink.errors import ModelError
+from deepshrink.modeling import output_tensor
 from deepshrink.progress import console, make_progress
 
 # loss_fn(outputs, targets, batch) -> loss tensor, or a dict with "loss" and named parts to log.
@@ -171,6 +173,14 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.T
         :, :, max_shift:-max_shift, max_shift:-max_shift]
 
 
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg: TrainConfig) -> None:
+    """Stop at the first NaN/inf loss: every later step would only spread it into the weights."""
+    if not math.isfinite(float(loss.detach())):
+        raise ModelError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, "
+                         f"step {step}", hint=f"lower the learning rate (lr={cfg.lr}) or check the data "
+                                              "for NaN/inf values")
+
+
 def default_loss(cfg: TrainConfig) -> LossFn:
     def loss(outputs: torch.Tensor, targets: torch.Tensor, batch: Sequence[torch.Tensor]) -> Any:
         return F.cross_entropy(outputs, targets, label_smoothing=cfg.label_smoothing)
@@ -179,14 +189,8 @@ def default_loss(cfg: TrainConfig) -> LossFn:
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
-    """Models may return a tensor, a tuple, or a `transformers` output with ``.logits``."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    if isinstance(outputs, (tuple, list)):
-        return outputs[0]
-    raise TypeError(f"cannot find logits in model output of type {type(outputs).__name__}")
+    """The tensor a loss reads from a model's output (see :func:`deepshrink.modeling.output_tensor`)."""
+    return output_tensor(outputs)
 
 
 def train(model: nn.Module, data: DataBundle | DataLoader, config: TrainConfig | None = None,
@@ -244,6 +248,7 @@ def train(model: nn.Module, data: DataBundle | DataLoader, config: TrainConfig |
                 loss = res["loss"] if isinstance(res, dict) else res
                 for cb in cbs:
                     loss = cb.on_loss(state, loss)
+                _check_finite(loss, epoch, state.step, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for cb in cbs:
