@@ -29,7 +29,6 @@ KNOWN: set[str] = {
     "deepshrink.pruning.hf:163 uses private st._shape_of",
     "deepshrink.pruning.hf:126 uses private st._forward",
     "deepshrink.pruning.hf:163 uses private st._forward",
-    "deepshrink.quantization.onnx_export:37 imports private deepshrink.quantization.modules._apply",
 }
 
 

@@ -366,7 +366,8 @@ _QSPEC = Obj({}, optional={"type": Str(choices=("QuantSpec",)), "bits": Int(1, 8
 QUANTIZE_SCHEMA = Obj({"layers": Map(Obj(
     {"kind": Str(choices=("linear", "conv1d", "conv2d", "embedding")), "mode": Str(choices=MODES),
      "spec": _QSPEC, "shape": List(Int(0, 1 << 31), min_len=1, max_len=5)},
-    optional={"bias": Bool(), "conv": CONV_ARGS, "act_bits": Int(1, 16), "out_q": Bool()}))})
+    optional={"bias": Bool(), "conv": CONV_ARGS, "act_bits": Int(1, 16), "out_q": Bool(),
+              "smooth": Bool(), "transposed": Bool(), "act_granularity": Str(choices=ACT_GRANULARITIES)}))})
 
 
 @register_edit("quantize", schema=QUANTIZE_SCHEMA)
