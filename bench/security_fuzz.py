@@ -47,12 +47,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "security_fuzz.json")
     ap.add_argument("--merge", type=Path, nargs="*", help="combine the rows of earlier runs' JSON")
+    ap.add_argument("--logs", type=Path, nargs="*", default=[],
+                    help="also combine runs stopped early, from their progress lines on stderr")
     a = ap.parse_args()
     rows, t0 = [], time.perf_counter()
-    if a.merge:
-        parts = [json.loads(p.read_text()) for p in a.merge]
-        rows = [r for part in parts for r in part["rows"]]
-        write(a.out, rows, [part["command"] for part in parts], max(p["seconds"] for p in parts))
+    if a.merge or a.logs:
+        parts = [json.loads(p.read_text()) for p in a.merge or []]
+        rows = [r for part in parts for r in part["rows"]] + [r for p in a.logs for r in rows_from_log(p)]
+        write(a.out, rows, [part["command"] for part in parts] + [f"log {p.name}" for p in a.logs],
+              max([p["seconds"] for p in parts] or [0]))
+        print_table(rows)
         return
     for fam in a.families.split(","):
         total, counts, bad, seed = getattr(a, fam), Counter(), [], a.seed
@@ -64,9 +68,14 @@ def main() -> None:
             bad += [{"seed": seed, **b} for b in r["bad"]][: max(0, 20 - len(bad))]
             seed += 1
             print(f"{fam}: {sum(counts.values())}/{total} {dict(counts)}", file=sys.stderr, flush=True)
-        rows.append({"family": fam, "inputs": total, **{o: counts.get(o, 0) for o in OUTCOMES},
-                     "seconds": round(time.perf_counter() - start), "bad_examples": bad})
+            # after every chunk: a run stopped early still leaves its counts so far
+            row = {"family": fam, "inputs": sum(counts.values()), **{o: counts.get(o, 0) for o in OUTCOMES},
+                   "seconds": round(time.perf_counter() - start), "bad_examples": bad}
+            write(a.out, [*rows, row], " ".join(["nice -n 10", "python", *sys.argv]),
+                  round(time.perf_counter() - t0))
+        rows.append(row)
     write(a.out, rows, " ".join(["nice -n 10", "python", *sys.argv]), round(time.perf_counter() - t0))
+    print_table(rows)
 
 
 def write(out: Path, rows: list[dict], command: object, seconds: int) -> None:
@@ -74,10 +83,30 @@ def write(out: Path, rows: list[dict], command: object, seconds: int) -> None:
     res = {"command": command, "rows": rows, "total": total, "seconds": seconds}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
+
+
+def rows_from_log(path: Path) -> list[dict]:
+    """The last progress line per family (``dsz: 45000/45000 {'clean': ...}``) as table rows."""
+    import ast
+
+    last: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        fam, _, rest = line.partition(": ")
+        done, _, counts = rest.partition(" ")
+        if fam in ("dsz", "safetensors", "idx", "cli") and counts.startswith("{"):
+            c = ast.literal_eval(counts)
+            last[fam] = {"family": fam, "inputs": int(done.split("/")[0]),
+                         **{o: c.get(o, 0) for o in OUTCOMES}, "bad_examples": []}
+    return list(last.values())
+
+
+def print_table(rows: list[dict]) -> None:
+    total = {o: sum(r[o] for r in rows) for o in ["inputs", *OUTCOMES]}
     cols = ["family", "inputs", *OUTCOMES]
-    print(" | ".join(cols))
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
     for r in [*rows, {"family": "total", **total}]:
-        print(" | ".join(str(r[c]) for c in cols))
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from deepshrink.models import ModelSpec, build_checked, spec_of
 from deepshrink.models.hf import is_pretrained_dir, load_pretrained_dir
 
 META_KEY = "deepshrink"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with a digest (required); 1: written before the digest existed
 MAX_HEADER = 100 << 20  # safetensors' own limit
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -84,19 +84,22 @@ def save(model: nn.Module, path: str | Path, *, extra: dict[str, Any] | None = N
 
 
 def _add_digest(path: Path, meta: dict[str, Any]) -> None:
-    """Rewrite the header of a just-written file with the digest of its tensors."""
+    """Rewrite the header of a just-written file with the digest of its tensors and metadata."""
     blob = path.read_bytes()
     header, data_off = _parse_header(blob[:8], lambda n: blob[8:8 + n], len(blob), path)
-    meta["digest"] = _digest(header, [blob[data_off:]])
+    meta["digest"] = _digest(header, meta, [blob[data_off:]])
     header["__metadata__"] = {**header.get("__metadata__", {}), META_KEY: json.dumps(meta, sort_keys=True)}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
     path.write_bytes(struct.pack("<Q", len(text)) + text + blob[data_off:])
 
 
-def _digest(header: dict[str, Any], chunks: Iterable[bytes]) -> str:
-    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "__metadata__"},
-                                  sort_keys=True).encode())
+def _digest(header: dict[str, Any], meta: dict[str, Any], chunks: Iterable[bytes]) -> str:
+    """SHA-256 over the tensor table, the deepshrink metadata (spec, extra; not the digest) and
+    the tensor bytes: a changed spec is as much a corruption as a changed weight."""
+    table = {k: v for k, v in header.items() if k != "__metadata__"}
+    own = {k: v for k, v in meta.items() if k != "digest"}
+    h = hashlib.sha256(json.dumps([table, own], sort_keys=True).encode())
     for chunk in chunks:
         h.update(chunk)
     return "sha256:" + h.hexdigest()
@@ -179,15 +182,23 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _verify_digest(path: Path, header: dict[str, Any], data_off: int, meta: dict[str, Any]) -> None:
+    if META_KEY not in header.get("__metadata__", {}):
+        return  # a plain safetensors file: nothing of ours to verify
     want = meta.get("digest")
+    if meta.get("version") not in (1, FORMAT_VERSION):
+        raise FormatError(f"{path}: checkpoint version {meta.get('version')!r:.20} is not supported "
+                          f"(this reader knows 1 and {FORMAT_VERSION})")
     if want is None:
-        if meta.get("format") == "deepshrink-checkpoint":
-            warnings.warn(f"{path}: written without a tensor digest (an older deepshrink); "
-                          "corrupted tensor bytes cannot be detected", stacklevel=3)
+        # Only a version-1 file (written before digests existed) may lack one; any other field
+        # damaged on the way (format, version, the key itself) must not switch verification off.
+        if meta.get("version") != 1 or meta.get("format") != "deepshrink-checkpoint":
+            raise FormatError(f"{path}: the metadata has no digest (required since version 2)")
+        warnings.warn(f"{path}: written without a tensor digest (an older deepshrink); "
+                      "corrupted tensor bytes cannot be detected", stacklevel=3)
         return
     with path.open("rb") as f:
         f.seek(data_off)
-        got = _digest(header, iter(lambda: f.read(1 << 20), b""))
+        got = _digest(header, meta, iter(lambda: f.read(1 << 20), b""))
     if got != want:
         raise FormatError(f"{path}: tensor digest mismatch (the tensor data or table was changed "
                           "after writing)", hint="the file is corrupt; re-create it")

@@ -472,7 +472,8 @@ def st_seal(header: dict[str, Any], data: bytes) -> dict[str, Any]:
     meta = header.get("__metadata__", {})
     try:
         d = json.loads(meta[META_KEY])
-        d["digest"] = _digest(header, [data])
+        if isinstance(d, dict):
+            d["digest"] = _digest(header, d, [data])
         meta[META_KEY] = json.dumps(d)
     except (KeyError, ValueError, TypeError):
         pass

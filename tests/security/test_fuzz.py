@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("fuzzing.py")
-# Share of the total per family (default total: 2,400 cases, about 40 s on a quiet machine).
-SHARES = {"dsz": 0.42, "safetensors": 0.42, "idx": 0.12, "cli": 0.04}
-TOTAL = int(os.environ.get("DEEPSHRINK_FUZZ_CASES", "2400"))
+# Share of the total per family (default total: 2,000 cases, about a minute on a quiet machine).
+SHARES = {"dsz": 0.44, "safetensors": 0.44, "idx": 0.08, "cli": 0.04}
+TOTAL = int(os.environ.get("DEEPSHRINK_FUZZ_CASES", "2000"))
 SEED = int(os.environ.get("DEEPSHRINK_FUZZ_SEED", "16"))
 
 

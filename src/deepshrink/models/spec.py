@@ -68,6 +68,7 @@ MAX_EDITS = 256
 EXTRA_ELEMENTS = 1 << 24
 _NAME = Str(pattern=re.compile(r"[A-Za-z0-9_]+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*"))
 _COUNT_KEY = re.compile(r".*(layer|block|depth|expert).*", re.IGNORECASE)
+_LABEL_KEY = re.compile(r".*(label|class).*", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +167,8 @@ def build_checked(data: Any, stored: StoredTensors, where: str, *, trust: Iterab
     """The validated rebuild for loaders: ``data`` is the file's spec, ``stored`` the dtype and
     shape of every tensor the file holds. Any failure is a :class:`FormatError` naming ``where``."""
     spec = parse_spec(data, f"{where}: spec", trust=trust)
-    _check_counts(spec.kwargs, len(stored), f"{where}: spec.kwargs")
+    held = sum(math.prod(shape) for _, shape in stored.values())
+    _check_counts(spec.kwargs, len(stored), held, f"{where}: spec.kwargs")
     skeleton = _guarded(lambda: _on_meta(spec), where, spec)
     check_stored(skeleton, stored, where)
     return _guarded(lambda: build(spec), where, spec)
@@ -188,17 +190,22 @@ def _guarded(fn: Callable[[], nn.Module], where: str, spec: ModelSpec) -> nn.Mod
         raise FormatError(f"{where}: spec {spec.name!r} cannot be built: {str(msg)[:300]}") from exc
 
 
-def _check_counts(value: Any, n_stored: int, where: str, key: str = "") -> None:
-    """Layer/block counts cost modules even on the meta device: bound them by the tensors stored."""
+def _check_counts(value: Any, n_stored: int, held: int, where: str, key: str = "") -> None:
+    """Counts that cost time or memory before any tensor exists (modules even on the meta
+    device, label tables in a transformers config) are bounded by what the file stores: layers,
+    blocks, experts by its tensors, labels and classes by its elements."""
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_counts(v, n_stored, f"{where}.{k}", str(k))
+            _check_counts(v, n_stored, held, f"{where}.{k}", str(k))
         return
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
         value = sum(value)
-    counts = isinstance(value, int) and not isinstance(value, bool) and _COUNT_KEY.fullmatch(key)
-    if counts and value > max(n_stored, 1):
+    if not isinstance(value, int) or isinstance(value, bool):
+        return
+    if _COUNT_KEY.fullmatch(key) and value > max(n_stored, 1):
         raise FormatError(f"{where}: {value} layers/blocks but the file stores only {n_stored} tensors")
+    if _LABEL_KEY.fullmatch(key) and value > max(held, 1):
+        raise FormatError(f"{where}: {value} labels/classes but the file stores only {held} elements")
 
 
 def check_stored(skeleton: nn.Module, stored: StoredTensors, where: str) -> None:
