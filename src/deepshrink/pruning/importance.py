@@ -63,7 +63,7 @@ def needs_data(name: str) -> bool:
 
 
 def score_groups(model: nn.Module, groups: Sequence[ChannelGroup], name: str,
-                 batches: Sequence[Batch] = (), *, over: str = "group",
+                 batches: Sequence[Batch] = (), *, over: str = "producers",
                  graph: Graph | None = None) -> list[torch.Tensor]:
     """Scores (float64 tensors of ``group.size``) for every group with criterion ``name``."""
     if name not in _IMPORTANCE:
@@ -105,13 +105,13 @@ def _norm_scores(model: nn.Module, groups: Sequence[ChannelGroup], p: int, over:
 
 @register_importance("l1")
 def l1_importance(model: nn.Module, groups: Sequence[ChannelGroup], batches: Sequence[Batch], *,
-                  over: str = "group", graph: Graph | None = None) -> list[torch.Tensor]:
+                  over: str = "producers", graph: Graph | None = None) -> list[torch.Tensor]:
     return _norm_scores(model, groups, 1, over)
 
 
 @register_importance("l2")
 def l2_importance(model: nn.Module, groups: Sequence[ChannelGroup], batches: Sequence[Batch], *,
-                  over: str = "group", graph: Graph | None = None) -> list[torch.Tensor]:
+                  over: str = "producers", graph: Graph | None = None) -> list[torch.Tensor]:
     return _norm_scores(model, groups, 2, over)
 
 
@@ -190,13 +190,13 @@ def _activation_scores(model: nn.Module, groups: Sequence[ChannelGroup], batches
 
 @register_importance("activation", needs_data=True)
 def activation_importance(model: nn.Module, groups: Sequence[ChannelGroup], batches: Sequence[Batch],
-                          *, over: str = "group", graph: Graph | None = None) -> list[torch.Tensor]:
+                          *, over: str = "producers", graph: Graph | None = None) -> list[torch.Tensor]:
     return _activation_scores(model, groups, batches, graph, torch.abs)  # type: ignore[arg-type]
 
 
 @register_importance("apoz", needs_data=True)
 def apoz_importance(model: nn.Module, groups: Sequence[ChannelGroup], batches: Sequence[Batch], *,
-                    over: str = "group", graph: Graph | None = None) -> list[torch.Tensor]:
+                    over: str = "producers", graph: Graph | None = None) -> list[torch.Tensor]:
     # After a ReLU the non-positive values are exactly the zeros; after GELU they are squashed to ~0.
     zeros = _activation_scores(model, groups, batches, graph,  # type: ignore[arg-type]
                                lambda v: (v <= 0).double())
@@ -205,7 +205,7 @@ def apoz_importance(model: nn.Module, groups: Sequence[ChannelGroup], batches: S
 
 @register_importance("taylor", needs_data=True)
 def taylor_importance(model: nn.Module, groups: Sequence[ChannelGroup], batches: Sequence[Batch], *,
-                      over: str = "group", graph: Graph | None = None) -> list[torch.Tensor]:
+                      over: str = "producers", graph: Graph | None = None) -> list[torch.Tensor]:
     if any(y is None for _, y in batches):
         raise ConfigError("importance 'taylor' needs labelled batches (inputs, labels)",
                           hint="pass calibration=a DataLoader of (inputs, labels)")

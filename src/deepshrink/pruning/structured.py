@@ -43,9 +43,12 @@ class ChannelConfig(Config):
     ratio: fraction of the units (channels, heads, conv groups) of every prunable group removed.
     importance: a criterion registered in :mod:`deepshrink.pruning.importance` (``l1``, ``l2``,
         ``activation``, ``apoz``, ``taylor``).
-    score_over: ``group`` sums the (mean-normalised) scores of every tensor dimension a unit
-        touches - producers, consumers, norms (Torch-Pruning's group importance); ``producers``
-        scores only the layers that make the channels.
+    score_over: ``producers`` (default) scores only the layers that make the channels; ``group``
+        sums the (mean-normalised) scores of every tensor dimension a unit touches - producers,
+        consumers, norms (Torch-Pruning's group importance). Measured (bench/pruning_structured.py
+        --part importance, 3 seeds): group keeps more accuracy right after the cut, but after the
+        same fine-tune producers recovers better on resnet_small (80.65 vs 79.80 % val) and within
+        0.15 pt on LeNet-5 (88.23 vs 88.38 %), so it is the default.
     overrides: module-name regex (full match) -> ratio, for groups one of whose layers matches;
         when several match, the smallest ratio wins.
     round: how the number of kept units ``size * (1 - ratio)`` becomes an integer: ``up``
@@ -63,7 +66,7 @@ class ChannelConfig(Config):
 
     ratio: float = 0.5
     importance: str = "l1"
-    score_over: str = "group"
+    score_over: str = "producers"
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)
     round: str = "up"
     round_to: int = 1
