@@ -2,7 +2,9 @@
 (STE, optional LSQ), packed storage, and ONNX export for real integer execution in ONNX Runtime.
 
     from deepshrink.quantization import PTQConfig, quantize, export_onnx, OrtModel
-    q = quantize(model, PTQConfig(mode="static", bits=8), calibration=data)   # in place, returns the model
+    q = quantize(model, PTQConfig(), calibration=data)   # in place, returns the model
+    res = quantize_with_report(model, PTQConfig(target_cosine=0.999), calibration=data)
+    res.kept_float, res.per_token, res.smoothed           # what it did
     export_onnx(q, "model-int8.onnx", example)
     evaluate(OrtModel("model-int8.onnx"), loader)
 """
@@ -31,7 +33,14 @@ from deepshrink.quantization.observers import (
 )
 from deepshrink.quantization.onnx_export import export_onnx
 from deepshrink.quantization.ort import OrtModel
-from deepshrink.quantization.ptq import PTQConfig, quantize, quantized_layers, weight_bytes
+from deepshrink.quantization.ptq import (
+    PTQConfig,
+    PTQResult,
+    quantize,
+    quantize_with_report,
+    quantized_layers,
+    weight_bytes,
+)
 from deepshrink.quantization.qat import QATConfig, convert, prepare_qat
 
 __all__ = [
@@ -42,6 +51,7 @@ __all__ = [
     "MovingAverageObserver",
     "OrtModel",
     "PTQConfig",
+    "PTQResult",
     "PercentileObserver",
     "QATConfig",
     "QTensor",
@@ -57,6 +67,7 @@ __all__ = [
     "quantize",
     "quantize_affine",
     "quantize_tensor",
+    "quantize_with_report",
     "quantized_layers",
     "weight_bytes",
     "weight_range",

@@ -11,6 +11,12 @@ machine without VNNI; see bench/quantization.py):
   quantized at run time, int8 per-channel weights). On AVX2 without VNNI its u8 x s8 kernel
   can saturate int16 pair sums, so outputs may differ from the torch model by more than
   rounding (weights of at most 7 bits avoid it); the static path above showed no such error.
+* Linear, dynamic per token (``act_granularity`` "token", or chosen by "auto"): standard ops
+  around ``MatMulInteger``: ``ReduceMax(Abs(x))`` per row -> ``Div`` / ``Round`` / ``+128`` /
+  ``Cast(uint8)`` -> ``MatMulInteger`` (zero point 128, int8 weights) -> ``Cast`` -> ``Mul`` by
+  the row scale and the weight scales -> ``Add`` bias. Layers fed the same tensor share it.
+* SmoothQuant factors kept in a layer: one ``Mul`` of the input (shared by layers fed the
+  same tensor, e.g. query / key / value); factors folded into a norm cost nothing.
 * Conv, static: QDQ around ``Conv`` with a quantized output, which ORT fuses to ``QLinearConv``.
 * Conv, dynamic: ``DynamicQuantizeLinear`` -> ``ConvInteger`` -> rescale.
 * Embedding (``embedding_bits``): ``Gather`` of int8 rows and their scales, then ``Mul``.
