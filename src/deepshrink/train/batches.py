@@ -1,0 +1,103 @@
+"""Global batches, split across data-parallel processes.
+
+The training loop thinks in *global* batches: ``TrainConfig.batch_size`` samples per optimizer
+step however many processes share the work. Every process draws the same global batch (the same
+seeded order) and keeps its contiguous share of it (:func:`deepshrink.distributed.shard_range`),
+so N processes step through exactly the batches one process would, and DistributedDataParallel's
+gradient average, with each share's loss weighted by its size, is the gradient one process
+computes. That is the sharding DistributedSampler does, without its padding (which repeats
+samples to even out the last batch and so changes the data one process would see).
+
+The order is re-seeded every epoch (``seed + epoch``), so a run resumed from a checkpoint at
+epoch k sees the same batches as one that never stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from deepshrink import distributed
+
+LocalBatch = tuple[Sequence[Any], int]  # (this process's share of the batch, global batch size)
+
+
+class TensorBatches:
+    """Shuffled global batches of a TensorDataset (a DataBundle's train split): only this
+    process's share of each batch is indexed, so no process loads the others' samples."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+
+    def _sizes(self) -> list[int]:
+        n, b = len(self.dataset), self.batch_size
+        return [min(b, n - i) for i in range(0, n, b)]
+
+    def __len__(self) -> int:
+        return sum(1 for s in self._sizes() if s >= distributed.world_size())
+
+    def epoch(self, epoch: int) -> Iterator[LocalBatch]:
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            if len(idx) < distributed.world_size():
+                continue  # too small to give every process a sample; the same skip everywhere
+            a, b = distributed.shard_range(len(idx))
+            yield self.dataset[idx[a:b]], len(idx)
+
+
+class LoaderBatches:
+    """A caller's DataLoader: every process iterates it in the same order and keeps its share
+    of each batch. Random samplers are re-seeded each epoch (their first seed + epoch); one
+    without a generator gets one seeded with ``seed``, because drawing the order from the global
+    RNG would let processes disagree once their RNG use differs."""
+
+    def __init__(self, loader: DataLoader, seed: int = 0) -> None:
+        self.loader = loader
+        self._gens: list[tuple[torch.Generator, int]] = []
+        for sampler in _samplers(loader):
+            if hasattr(sampler, "generator") and sampler.generator is None and _is_random(sampler):
+                sampler.generator = torch.Generator().manual_seed(seed)
+            gen = getattr(sampler, "generator", None)
+            if isinstance(gen, torch.Generator) and all(g is not gen for g, _ in self._gens):
+                self._gens.append((gen, gen.initial_seed()))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int) -> Iterator[LocalBatch]:
+        for gen, first in self._gens:
+            gen.manual_seed(first + epoch)
+        world = distributed.world_size()
+        for batch in self.loader:
+            n = len(batch[1])
+            if n < world:
+                continue
+            a, b = distributed.shard_range(n)
+            yield tuple(t[a:b] if _per_sample(t, n) else t for t in batch), n
+
+
+def _samplers(loader: DataLoader) -> list[Any]:
+    out = [loader.sampler]
+    bs = getattr(loader, "batch_sampler", None)
+    if bs is not None:
+        out += [bs, getattr(bs, "sampler", None)]
+    return [s for s in out if s is not None]
+
+
+def _is_random(sampler: Any) -> bool:
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    return isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
+
+
+def _per_sample(t: Any, n: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n

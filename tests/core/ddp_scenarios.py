@@ -1,0 +1,141 @@
+"""Training scenarios run both in one process (by the test) and under
+``torchrun --nproc_per_node=2`` (this file as the script): see test_distributed.py.
+
+Launched as a script, every rank runs every scenario, saves its final weights as
+``<out>/<scenario>.rank<r>.safetensors`` (test bookkeeping, written by every rank on purpose) and
+logs each file the library renamed into place (``os.replace``: how deepshrink.fileio publishes
+every output) to ``<out>/replaced.rank<r>.json``, so the test can tell which rank wrote what.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import deepshrink as ds
+from deepshrink import distributed
+from deepshrink.data import load_digits
+from deepshrink.train import Callback, TrainConfig, train
+
+
+def _base(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ds.create_model("lenet300", in_size=8)
+
+
+# 1078 training digits, global batch 100: the last batch (78) splits 39/39; batch 96 would
+# leave 22 = 11/11. Odd sizes are covered by `plain` (batch 75 -> last batch 28... and 75 = 38+37).
+def plain(out: Path) -> nn.Module:
+    m = _base()
+    train(m, load_digits(), TrainConfig(epochs=2, batch_size=75, augment="shift", progress=True,
+                                        checkpoint=str(out / "plain" / "model.safetensors")))
+    return m
+
+
+def masked(out: Path) -> nn.Module:
+    from deepshrink.pruning import MaskCallback, UnstructuredConfig, get_masks, prune_unstructured
+
+    m = _base()
+    prune_unstructured(m, UnstructuredConfig(ratio=0.7))
+    if distributed.rank() == 1:  # a rank that scored differently: rank 0's masks must win
+        for mask in get_masks(m).values():
+            mask[:, :3] = True
+    train(m, load_digits(), TrainConfig(epochs=1, batch_size=64, weight_decay=1e-3, progress=False),
+          callbacks=[MaskCallback()])
+    return m
+
+
+def qat(out: Path) -> nn.Module:
+    from deepshrink.quantization import QATConfig, prepare_qat
+
+    data = load_digits()
+    m = _base()
+    calib = data.train.tensors[0][:128]
+    prepare_qat(m, QATConfig(bits=4, act_bits=8), calibration_data=calib)
+    train(m, data, TrainConfig(epochs=1, batch_size=64, lr=5e-4, progress=False))
+    return m
+
+
+def distill_cached(out: Path) -> nn.Module:
+    from deepshrink.distill import KDConfig, distill
+
+    data = load_digits()
+    teacher = _base(1)
+    student = ds.create_model("mlp", in_size=8, hidden=16)
+    distill(student, teacher, data, KDConfig(cache=True, hints={"2": "2"}),
+            train_config=TrainConfig(epochs=1, batch_size=64, progress=False))
+    return student
+
+
+def centroid(out: Path) -> nn.Module:
+    from deepshrink.sharing import CentroidFineTune, KMeansConfig, share
+
+    m = _base()
+    share(m, KMeansConfig(bits=3))
+    train(m, load_digits(), TrainConfig(epochs=1, batch_size=64, progress=False),
+          callbacks=[CentroidFineTune()])
+    return m
+
+
+class _Crash(Callback):
+    """Stops training after the first epoch, as a killed job would (its state file is saved)."""
+
+    def on_epoch_end(self, state, metrics):  # noqa: ANN001
+        state.stop = True
+
+
+def resumed(out: Path) -> nn.Module:
+    cfg = TrainConfig(epochs=2, batch_size=64, progress=False, resume=True,
+                      checkpoint=str(out / "resumed" / "model.safetensors"))
+    train(_base(), load_digits(), cfg, callbacks=[_Crash()])
+    m = _base(7)  # a fresh process would rebuild the model: its weights come from the state file
+    train(m, load_digits(), cfg, callbacks=[Callback()])
+    return m
+
+
+def uninterrupted(out: Path) -> nn.Module:
+    m = _base()
+    train(m, load_digits(), TrainConfig(epochs=2, batch_size=64, progress=False))
+    return m
+
+
+SCENARIOS: dict[str, Callable[[Path], nn.Module]] = {
+    "plain": plain, "masked": masked, "qat": qat, "distill_cached": distill_cached,
+    "centroid": centroid, "resumed": resumed, "uninterrupted": uninterrupted,
+}
+
+
+def _log_replacements(out: Path) -> list[str]:
+    replaced: list[str] = []
+    real = os.replace
+
+    def spy(src, dst, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        replaced.append(str(Path(dst).resolve().relative_to(out.resolve())))
+        return real(src, dst, *a, **k)
+
+    os.replace = spy
+    return replaced
+
+
+def main(out: Path, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    replaced = _log_replacements(out)
+    r = distributed.rank()
+    for name in names:
+        model = SCENARIOS[name](out)
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(out / f"{name}.rank{r}.safetensors"))
+    (out / f"replaced.rank{r}.json").write_text(json.dumps(replaced))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:] or list(SCENARIOS))
