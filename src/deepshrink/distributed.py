@@ -13,13 +13,15 @@ nothing.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from deepshrink.errors import ConfigError
 
+T = TypeVar("T")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -113,6 +115,15 @@ def shutdown() -> None:
     """Leave the process group (end of a torchrun script)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Run ``fn`` (e.g. a save) on the main process only, then wait for it everywhere, so a
+    file the main process writes exists for all of them afterwards. Returns ``fn``'s result
+    on the main process, None elsewhere."""
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return result
 
 
 def barrier() -> None:

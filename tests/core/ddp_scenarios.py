@@ -87,7 +87,7 @@ def centroid(out: Path) -> nn.Module:
 class _Crash(Callback):
     """Stops training after the first epoch, as a killed job would (its state file is saved)."""
 
-    def on_epoch_end(self, state, metrics):  # noqa: ANN001
+    def on_epoch_end(self, state, metrics):
         state.stop = True
 
 
@@ -106,9 +106,29 @@ def uninterrupted(out: Path) -> nn.Module:
     return m
 
 
+def _cli(*args: str) -> None:
+    from deepshrink.cli import app
+    from deepshrink.cli.common import quiet_unless_main
+
+    quiet_unless_main()  # what the `deepshrink` entry point does first
+    app(list(args), standalone_mode=False)
+
+
+def cli_train_prune(out: Path) -> nn.Module:
+    """`deepshrink train` then `deepshrink prune --epochs 1` (masked fine-tune), as torchrun
+    would run them (`torchrun --no-python deepshrink ...`)."""
+    trained, pruned = out / "cli" / "trained.safetensors", out / "cli" / "pruned.safetensors"
+    _cli("train", "-m", "mlp", "--model-args", '{"hidden": 16}', "-o", str(trained), "--epochs", "1",
+         "--device", "cpu")
+    _cli("prune", str(trained), "-o", str(pruned), "--ratio", "0.5", "--epochs", "1",
+         "--format", "dense")
+    return ds.load(pruned)
+
+
 SCENARIOS: dict[str, Callable[[Path], nn.Module]] = {
     "plain": plain, "masked": masked, "qat": qat, "distill_cached": distill_cached,
     "centroid": centroid, "resumed": resumed, "uninterrupted": uninterrupted,
+    "cli_train_prune": cli_train_prune,
 }
 
 
@@ -116,8 +136,10 @@ def _log_replacements(out: Path) -> list[str]:
     replaced: list[str] = []
     real = os.replace
 
-    def spy(src, dst, *a, **k):  # noqa: ANN001, ANN002, ANN003
-        replaced.append(str(Path(dst).resolve().relative_to(out.resolve())))
+    def spy(src, dst, *a, **k):
+        dst_path = Path(dst).resolve()
+        inside = dst_path.is_relative_to(out.resolve())
+        replaced.append(str(dst_path.relative_to(out.resolve()) if inside else dst_path))
         return real(src, dst, *a, **k)
 
     os.replace = spy

@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from deepshrink import distributed
 from deepshrink.errors import ConfigError, DeepShrinkError
+from deepshrink.progress import console as progress_console
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Wide enough for the results tables when stdout is a pipe or file (rich defaults to 80 there).
@@ -20,6 +22,15 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda (under torchrun: each process's own "
+                             "GPU), cuda:N or auto. Default: the config's (cpu).")
+
+
+def quiet_unless_main() -> None:
+    """Launched by torchrun, only rank 0 prints results and progress (errors still show)."""
+    if not distributed.is_main():
+        out.quiet = True
+        progress_console.quiet = True
 
 
 def friendly_errors(fn: F) -> F:
@@ -56,4 +67,6 @@ def json_object(text: str | None, option: str) -> dict[str, Any]:
 
 
 def emit_json(obj: Any) -> None:
+    if not distributed.is_main():
+        return
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, out
+from deepshrink.cli.common import DEVICE_OPTION, JSON_OPTION, emit_json, err, friendly_errors, out
 from deepshrink.errors import ConfigError
 from deepshrink.measure import ResultTable
 
@@ -40,9 +40,11 @@ def register(app: typer.Typer) -> None:
         conv_bits: int | None = typer.Option(None, help="k-means bits for conv weights."),
         epochs: int | None = typer.Option(None, help="Epochs per pruning round and for centroid tuning."),
         stage_dir: Path | None = typer.Option(None, help="Keep every stage's .dsz file here."),
+        device: str | None = DEVICE_OPTION,
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """Prune -> share (k-means) -> fine-tune centroids -> Huffman-code, with a stage table."""
+        """Prune -> share (k-means) -> fine-tune centroids -> Huffman-code, with a stage table.
+        Fine-tunes data-parallel when launched by torchrun; only rank 0 writes files."""
         from deepshrink.checkpoint import load
         from deepshrink.data import load_dataset
         from deepshrink.sharing.pipeline import CompressConfig, compress
@@ -61,6 +63,12 @@ def register(app: typer.Typer) -> None:
             cfg.prune_train = dataclasses.replace(cfg.prune_train, epochs=epochs)
             if cfg.finetune is not None:
                 cfg.finetune = dataclasses.replace(cfg.finetune, epochs=epochs)
+        if device is not None:
+            cfg.prune_train = dataclasses.replace(cfg.prune_train, device=device)
+            if cfg.finetune is not None:
+                cfg.finetune = dataclasses.replace(cfg.finetune, device=device)
+            if cfg.prune_final is not None:
+                cfg.prune_final = dataclasses.replace(cfg.prune_final, device=device)
         model = load(path)
         bundle = load_dataset(data, data_dir)
         res = compress(model, bundle, cfg, output, stage_dir=stage_dir)

@@ -61,7 +61,8 @@ class TrainConfig(Config):
     keep_best: bool = False  # restore the weights with the best validation accuracy at the end
     checkpoint: str | None = None  # safetensors path written after each epoch (best val if keep_best)
     resume: bool = False  # continue from <checkpoint>.resume.pt when it exists (after a restart)
-    device: str = "cpu"  # cpu | cuda (this process's GPU under torchrun) | cuda:N | auto
+    device: str = "cpu"  # cpu | cuda (this process's GPU under torchrun) | cuda:N | auto;
+    # the model trains there and is moved back to its own device afterwards
     find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in a step
     progress: bool = True
 
@@ -241,6 +242,7 @@ class _Run:
     state: TrainState
     device: torch.device
     aug_gen: torch.Generator
+    home: torch.device | None = None  # where the model was before training; it goes back there
     start_epoch: int = 0
     best: tuple[float, dict[str, torch.Tensor]] | None = None
 
@@ -279,6 +281,7 @@ def _prepare(model: nn.Module, data: DataBundle | DataLoader, cfg: TrainConfig,
              callbacks: list[Callback], loss_fn: LossFn | None,
              val_loader: DataLoader | None) -> _Run:
     device = distributed.setup(cfg.device)  # joins torchrun's process group on first use
+    home = _model_device(model)
     model.to(device)
     if cfg.checkpoint:
         callbacks.append(CheckpointCallback(cfg.checkpoint, best_only=cfg.keep_best))
@@ -296,7 +299,7 @@ def _prepare(model: nn.Module, data: DataBundle | DataLoader, cfg: TrainConfig,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total, steps_per_epoch))
     return _Run(model, model, cfg, callbacks, loss_fn or default_loss(cfg), batches, val_loader,
                 sched, TrainState(model, opt, cfg, total_steps=total), device,
-                torch.Generator().manual_seed(cfg.seed + 1))
+                torch.Generator().manual_seed(cfg.seed + 1), home)
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device, cfg: TrainConfig) -> nn.Module:
@@ -398,6 +401,8 @@ def _finish(run: _Run) -> TrainResult:
     for cb in run.callbacks:
         cb.on_train_end(run.state)
     run.model.eval()
+    if run.home is not None:
+        run.model.to(run.home)  # e.g. trained on a GPU, handed back on the CPU like it came
     distributed.barrier()  # files written by the main process exist when train() returns
     vals = [h["val_top1"] for h in run.state.history if "val_top1" in h]
     return TrainResult(run.state.history, run.state.step, max(vals) if vals else None)
