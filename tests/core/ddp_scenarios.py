@@ -69,7 +69,7 @@ def distill_cached(out: Path) -> nn.Module:
     data = load_digits()
     teacher = _base(1)
     student = ds.create_model("mlp", in_size=8, hidden=16)
-    distill(student, teacher, data, KDConfig(cache=True, hints={"2": "2"}),
+    distill(student, KDConfig(cache=True, hints={"2": "2"}), teacher=teacher, data=data,
             train_config=TrainConfig(epochs=1, batch_size=64, progress=False))
     return student
 

@@ -96,3 +96,28 @@ def test_modules_can_report_macs_the_counter_cannot_see():
 
     total, per = count_macs(nn.Sequential(nn.Linear(5, 4), Sparse()), torch.rand(2, 5))
     assert per["1"] == 14 and total == 2 * 5 * 4 + 14
+
+
+def test_measure_model_takes_tuple_and_dict_inputs() -> None:
+    """A model called with keyword tensors (tokenizer output) or positional tensors is measured
+    like one called with a single tensor: same MACs, one latency entry per batch size."""
+    from deepshrink.measure import measure_model
+
+    class Kw(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.emb(input_ids) * attention_mask[..., None]
+            return {"last_hidden_state": self.fc(h)}
+
+    m = Kw()
+    ids = torch.randint(0, 50, (3, 7))
+    d = measure_model(m, {"input_ids": ids, "attention_mask": torch.ones(3, 7)}, latency_batches=(2,),
+                      latency_kw={"repeats": 2, "warmup": 0, "min_time_s": 0})
+    t = measure_model(m, (ids, torch.ones(3, 7)), latency_batches=(2,),
+                      latency_kw={"repeats": 2, "warmup": 0, "min_time_s": 0})
+    assert d.macs == t.macs == 7 * 16 * 4  # one row: 7 tokens through the 16->4 projection
+    assert d.latency[2].batch == t.latency[2].batch == 2

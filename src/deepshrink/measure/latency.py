@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from deepshrink.modeling import Inputs, as_inputs, batch_size, call
+
 
 @dataclasses.dataclass
 class Latency:
@@ -38,26 +40,28 @@ def _timed_runs(fn: Callable[[], Any], warmup: int, repeats: int, min_time_s: fl
     return times
 
 
-def measure_latency(model: torch.nn.Module | Callable[[torch.Tensor], Any], example: torch.Tensor,
+def measure_latency(model: torch.nn.Module | Callable[..., Any], example: Inputs,
                     *, warmup: int = 5, repeats: int = 30, min_time_s: float = 0.2) -> Latency:
     """Time ``model(example)`` under inference mode. Works for nn.Modules and any callable
-    (an ONNX Runtime session wrapper, say), so compressed and baseline models are timed alike."""
+    (an ONNX Runtime session wrapper, say), so compressed and baseline models are timed alike.
+    ``example`` is a tensor, a tuple of positional tensors or a dict of keyword tensors."""
+    example = as_inputs(example, "example")
     if isinstance(model, torch.nn.Module):
         model.eval()
 
     def run() -> Any:
         with torch.inference_mode():
-            return model(example)
+            return call(model, example)
 
     times = _timed_runs(run, warmup, repeats, min_time_s)
     qs = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return Latency(batch=int(example.shape[0]), median_ms=statistics.median(times),
+    return Latency(batch=batch_size(example), median_ms=statistics.median(times),
                    p10_ms=qs[0], p90_ms=qs[-1], mean_ms=statistics.fmean(times),
                    stdev_ms=statistics.pstdev(times), repeats=len(times),
                    threads=torch.get_num_threads())
 
 
-def compare_latency(models: dict[str, Any], example: torch.Tensor, rounds: int = 3,
+def compare_latency(models: dict[str, Any], example: Inputs, rounds: int = 3,
                     **kw: Any) -> dict[str, Latency]:
     """Time several models in one run, interleaved round by round so that drift in machine load
     hits all of them alike; each model's result is the round with the lowest median."""
