@@ -168,3 +168,25 @@ def test_bad_resume_file_is_a_format_error(tmp_path):
         TrainConfig(resume=True)
     with pytest.raises(ConfigError, match="device"):
         TrainConfig(device="gpu")
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    """What makes a resumed run see the batches an uninterrupted one would: every epoch's order
+    comes from (seed, epoch), for the DataBundle path and for a caller's seeded DataLoader
+    (including a BatchSampler wrapped around a RandomSampler, as transfer_loader builds)."""
+    from torch.utils.data import TensorDataset
+
+    from deepshrink.distill import transfer_loader
+    from deepshrink.train.batches import LoaderBatches, TensorBatches
+
+    ds = TensorDataset(torch.arange(20).float()[:, None], torch.arange(20))
+
+    def order(batches, epoch):
+        return [b[1].tolist() for b, _ in batches.epoch(epoch)]
+
+    for make in (lambda: TensorBatches(ds, 6, seed=3), lambda: LoaderBatches(transfer_loader(ds, 6, seed=3))):
+        a, b = make(), make()
+        order(a, 0)
+        assert order(a, 1) == order(b, 1) != order(b, 0)
+        assert sorted(i for batch in order(b, 2) for i in batch) == list(range(20))  # each once
+        assert [n for _, n in b.epoch(0)] == [6, 6, 6, 2] and len(b) == 4

@@ -86,11 +86,16 @@ class LoaderBatches:
 
 
 def _samplers(loader: DataLoader) -> list[Any]:
-    out = [loader.sampler]
-    bs = getattr(loader, "batch_sampler", None)
-    if bs is not None:
-        out += [bs, getattr(bs, "sampler", None)]
-    return [s for s in out if s is not None]
+    """The loader's sampler, batch sampler and what they wrap (e.g. the RandomSampler inside a
+    BatchSampler passed as ``sampler`` with ``batch_size=None``, as transfer_loader builds)."""
+    out: list[Any] = []
+    todo = [loader.sampler, getattr(loader, "batch_sampler", None)]
+    while todo:
+        s = todo.pop()
+        if s is not None and all(s is not o for o in out):
+            out.append(s)
+            todo.append(getattr(s, "sampler", None))
+    return out
 
 
 def _is_random(sampler: Any) -> bool:
