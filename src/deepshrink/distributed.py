@@ -105,9 +105,10 @@ def setup(device: str = "cpu") -> torch.device:
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         # device_id binds NCCL to this GPU up front; gloo ignores it.
         dist.init_process_group(backend_for(dev), device_id=dev if dev.type == "cuda" else None)
-    elif dist.is_initialized() and dev.type == "cuda" and dist.get_backend() != "nccl":
-        raise ConfigError(f"device {device!r}: the process group uses {dist.get_backend()}, "
-                          "which cannot reduce GPU tensors", hint="initialise it with nccl")
+    elif is_distributed() and backend_for(dev) not in str(dist.get_backend()):
+        # A group the caller made: DDP needs nccl for GPU models and gloo for CPU ones.
+        raise ConfigError(f"device {device!r} does not fit the process group's backend "
+                          f"{dist.get_backend()!r}", hint="nccl with --device cuda, gloo with cpu")
     return dev
 
 
@@ -190,14 +191,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     differ), in rank order; the same result on every process."""
     if not is_distributed():
         return t
-    sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device))
+    dev = _comm_device()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.int64, device=dev))
     counts = [int(s) for s in sizes]
-    pad = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    pad = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=dev)
     pad[: t.shape[0]] = t
     parts = [torch.empty_like(pad) for _ in counts]
-    dist.all_gather(parts, pad.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).to(t.device)
 
 
 def shard_range(n: int, index: int | None = None, parts: int | None = None) -> tuple[int, int]:
