@@ -9,8 +9,8 @@ epoch time), with its spread. One torch thread per process, so 2 processes use 2
 1 process 1 core: the ratio is what adding a second worker buys here, not a GPU figure (no
 GPU was available to this session).
 
-    .venv/bin/python bench/ddp.py                 # 2 epochs, 2 runs each -> bench/results/ddp.json
-    .venv/bin/python bench/ddp.py --epochs 1 --repeats 1
+    .venv/bin/python bench/ddp.py                 # 1 epoch, 2 runs each -> bench/results/ddp.json
+    .venv/bin/python bench/ddp.py --epochs 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -87,10 +87,49 @@ def launch(n: int, epochs: int, tmp: Path, k: int) -> dict[str, Any]:
     return res
 
 
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    one = [r for r in runs if r["processes"] == 1]
+    two = [r for r in runs if r["processes"] == 2]
+    # Pair each 2-process run with the 1-process run just before it, epoch by epoch.
+    ratios = [a / b for r1, r2 in zip(one, two, strict=False)
+              for a, b in zip(r1["epoch_seconds"], r2["epoch_seconds"], strict=True)]
+    return {
+        "pairs": len(ratios),
+        "speedup_2_over_1_median": statistics.median(ratios) if ratios else None,
+        "speedup_2_over_1_min": min(ratios, default=None),
+        "speedup_2_over_1_max": max(ratios, default=None),
+        "epoch_seconds_1proc": [t for r in one for t in r["epoch_seconds"]],
+        "epoch_seconds_2proc": [t for r in two for t in r["epoch_seconds"]],
+        "test_top1_1proc": [r["test_top1"] for r in one],
+        "test_top1_2proc": [r["test_top1"] for r in two],
+        "max_abs_weight_diff_vs_first_1proc_run":
+            max(float((r["weights"] - one[0]["weights"]).abs().max()) for r in runs),
+    }
+
+
+def save(runs: list[dict[str, Any]], args: argparse.Namespace, load_before: tuple[float, ...],
+         complete: bool) -> Path:
+    return write_results("ddp", {
+        "what": "LeNet-5 on Fashion-MNIST (55k train / 5k val / 10k test), Adam lr 1e-3 cosine, "
+                f"global batch {BATCH}, seed {SEED}, {args.epochs} epoch(s); torchrun --standalone, "
+                "gloo on CPU, 1 torch thread per process; epoch time = training steps only "
+                "(validation excluded); runs interleaved 1,2,1,2",
+        "command": f"python bench/ddp.py --epochs {args.epochs} --repeats {args.repeats}",
+        "complete": complete,
+        "gpu": "none available to this session: the nccl/cuda path was not run",
+        "load_average_before": load_before, "load_average_now": os.getloadavg(),
+        "load_note": "2-core machine shared with other agents: a load average above 2 means "
+                     "these processes competed for CPU with other work, so absolute times are "
+                     "inflated and the ratio is noisy",
+        "summary": summarize(runs),
+        "runs": [{k: v for k, v in r.items() if k != "weights"} for r in runs],
+    })
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     if args.worker:
@@ -103,37 +142,11 @@ def main() -> None:
                 runs.append(launch(n, args.epochs, Path(tmp), k))
                 r = runs[-1]
                 print(f"run {k} n={n}: epochs {[round(t, 1) for t in r['epoch_seconds']]} s, "
-                      f"test top-1 {100 * r['test_top1']:.2f}%", flush=True)
-    load_after = os.getloadavg()
-    one = [r for r in runs if r["processes"] == 1]
-    two = [r for r in runs if r["processes"] == 2]
-    # Pair each 2-process run with the 1-process run just before it, epoch by epoch.
-    ratios = [a / b for r1, r2 in zip(one, two, strict=True)
-              for a, b in zip(r1["epoch_seconds"], r2["epoch_seconds"], strict=True)]
-    max_diff = max(float((r["weights"] - one[0]["weights"]).abs().max()) for r in runs)
-    summary = {
-        "speedup_2_over_1_median": statistics.median(ratios),
-        "speedup_2_over_1_min": min(ratios), "speedup_2_over_1_max": max(ratios),
-        "epoch_seconds_1proc_median": statistics.median(t for r in one for t in r["epoch_seconds"]),
-        "epoch_seconds_2proc_median": statistics.median(t for r in two for t in r["epoch_seconds"]),
-        "test_top1_1proc": [r["test_top1"] for r in one],
-        "test_top1_2proc": [r["test_top1"] for r in two],
-        "max_abs_weight_diff_vs_first_1proc_run": max_diff,
-    }
-    for k, v in summary.items():
-        print(f"{k}: {v}")
-    path = write_results("ddp", {
-        "what": "LeNet-5 on Fashion-MNIST (55k train / 5k val / 10k test), Adam lr 1e-3 cosine, "
-                f"global batch {BATCH}, seed {SEED}, {args.epochs} epochs; torchrun --standalone, "
-                "gloo on CPU, 1 torch thread per process; epoch time = training steps only "
-                "(validation excluded); runs interleaved 1,2,1,2",
-        "gpu": "none available to this session: the nccl/cuda path was not run",
-        "load_average_before": load_before, "load_average_after": load_after,
-        "load_note": "machine shared with other agents (2 cores); load averages above 2 mean "
-                     "both processes competed for CPU with other work",
-        "summary": summary,
-        "runs": [{k: v for k, v in r.items() if k != "weights"} for r in runs],
-    })
+                      f"test top-1 {100 * r['test_top1']:.2f}%, load {os.getloadavg()[0]:.1f}",
+                      flush=True)
+            path = save(runs, args, load_before, complete=k == args.repeats - 1)
+    for key, v in summarize(runs).items():
+        print(f"{key}: {v}")
     print(f"wrote {path}")
 
 

@@ -9,6 +9,7 @@ every output) to ``<out>/replaced.rank<r>.json``, so the test can tell which ran
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -125,10 +126,23 @@ def cli_train_prune(out: Path) -> nn.Module:
     return ds.load(pruned)
 
 
+def early_exit(out: Path) -> nn.Module:
+    """Exit heads trained jointly with the backbone through the shared loop (issue 11's family)."""
+    from deepshrink.early_exit import ExitConfig, ExitTrainConfig, add_exits, train_exits
+
+    multi = add_exits(_base(), ExitConfig(), example_inputs=torch.rand(2, 1, 8, 8))
+    train_exits(multi, load_digits(), ExitTrainConfig(
+        mode="joint", train=TrainConfig(epochs=1, batch_size=64, progress=False)))
+    return multi
+
+
+HAS_EARLY_EXIT = importlib.util.find_spec("deepshrink.early_exit") is not None
+
 SCENARIOS: dict[str, Callable[[Path], nn.Module]] = {
     "plain": plain, "masked": masked, "qat": qat, "distill_cached": distill_cached,
     "centroid": centroid, "resumed": resumed, "uninterrupted": uninterrupted,
     "cli_train_prune": cli_train_prune,
+    **({"early_exit": early_exit} if HAS_EARLY_EXIT else {}),
 }
 
 

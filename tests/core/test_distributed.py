@@ -86,9 +86,11 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: 
 
 
 @pytest.mark.parametrize("name", ["plain", "masked", "qat", "distill_cached", "centroid", "resumed",
-                                  "cli_train_prune"])
+                                  "cli_train_prune", "early_exit"])
 def test_two_processes_match_one(launch, single, name):
     out, _ = launch
+    if name not in single:
+        pytest.skip(f"{name}: its package is not on this branch yet")
     r0, r1 = _weights(out, name, 0), _weights(out, name, 1)
     for k in r0:  # DDP keeps the ranks bit-identical (same averaged gradient, same step)
         assert torch.equal(r0[k], r1[k]), f"{name}: ranks differ on {k}"
