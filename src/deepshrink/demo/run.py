@@ -19,7 +19,7 @@ from deepshrink.checkpoint import save
 from deepshrink.data import load_digits
 from deepshrink.demo import channels, distill, quantization, sharing, unstructured
 from deepshrink.demo.context import DemoContext
-from deepshrink.measure import ModelReport, ResultTable, compare_latency
+from deepshrink.measure import ModelReport, ResultTable, compare_latency, speedup
 from deepshrink.models import create_model
 from deepshrink.train import TrainConfig, train
 
@@ -57,10 +57,11 @@ def time_all(ctx: DemoContext) -> None:
     for b in LATENCY_BATCHES:
         x = ctx.example(1).expand(b, *ctx.data.input_shape).contiguous()
         lats = compare_latency(ctx.models, x, rounds=2, repeats=20)
-        base_ms = lats["baseline"].median_ms
         for row, name in zip(ctx.table.rows, ctx.models, strict=True):
+            s = speedup(lats["baseline"], lats[name])
             row[f"ms@b{b}"] = lats[name].median_ms
-            row[f"speedup@b{b}"] = base_ms / lats[name].median_ms
+            # A ratio whose p10/p90 spread overlaps 1.0 is not a measured difference: say so.
+            row[f"speedup@b{b}"] = "~1 (noise)" if s.overlaps_one and name != "baseline" else s.ratio
 
 
 def run_demo(out_dir: str | Path = "demo-out", *, quick: bool = False, seed: int = 0,

@@ -72,3 +72,31 @@ def compare_latency(models: dict[str, Any], example: Inputs, rounds: int = 3,
             if name not in best or lat.median_ms < best[name].median_ms:
                 best[name] = lat
     return best
+
+
+@dataclasses.dataclass
+class Speedup:
+    """``baseline / candidate`` latency: the ratio of medians and a spread from the p10/p90 of
+    both runs (worst case to best case). ``overlaps_one`` says the spread includes 1.0, i.e. the
+    measurement cannot tell the two apart on this machine."""
+
+    ratio: float
+    low: float
+    high: float
+
+    @property
+    def overlaps_one(self) -> bool:
+        return self.low <= 1.0 <= self.high
+
+    def __str__(self) -> str:
+        flag = " (spread overlaps 1.0: not measurably different)" if self.overlaps_one else ""
+        return f"{self.ratio:.2f}x [{self.low:.2f}-{self.high:.2f}]{flag}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "low": self.low, "high": self.high, "overlaps_one": self.overlaps_one}
+
+
+def speedup(baseline: Latency, candidate: Latency) -> Speedup:
+    """How much faster ``candidate`` is than ``baseline``, with its spread (see :class:`Speedup`)."""
+    return Speedup(baseline.median_ms / candidate.median_ms, baseline.p10_ms / candidate.p90_ms,
+                   baseline.p90_ms / candidate.p10_ms)
