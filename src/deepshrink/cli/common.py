@@ -27,10 +27,11 @@ DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda (under torchrun: 
 
 
 def quiet_unless_main() -> None:
-    """Launched by torchrun, only rank 0 prints results and progress (errors still show)."""
+    """Launched by torchrun, only rank 0 prints: results, notes ("wrote ..."), progress and
+    deepshrink's one-line errors (the same on every rank; a crash's traceback still shows, and
+    torchrun names the rank that failed)."""
     if not distributed.is_main():
-        out.quiet = True
-        progress_console.quiet = True
+        out.quiet = err.quiet = progress_console.quiet = True
 
 
 def friendly_errors(fn: F) -> F:
