@@ -8,8 +8,10 @@ from typing import Any
 
 import typer
 
+from deepshrink import distributed
 from deepshrink.cli.common import DEVICE_OPTION, JSON_OPTION, emit_json, err, friendly_errors, out
 from deepshrink.errors import ConfigError
+from deepshrink.fileio import refuse_overwrite
 from deepshrink.measure import ResultTable
 from deepshrink.sharing.pipeline import CompressConfig
 
@@ -75,6 +77,7 @@ def register(app: typer.Typer) -> None:
         cfg = compress_config(CompressConfig.from_file(config) if config else CompressConfig(),
                               sparsity=sparsity, bits=bits, conv_bits=conv_bits, epochs=epochs,
                               device=device)
+        refuse_overwrite(output, (path,))
         model = load(path)
         bundle = load_dataset(data, data_dir)
         res = compress(model, bundle, cfg, output, stage_dir=stage_dir)
@@ -83,7 +86,8 @@ def register(app: typer.Typer) -> None:
                        **res.to_dict()})
         else:
             res.table.print(out)
-            err.print(f"wrote {output} in {res.seconds:.0f} s")
+            if distributed.is_main():  # other torchrun ranks wrote nothing
+                err.print(f"wrote {output} in {res.seconds:.0f} s")
 
     @app.command("pack")
     @friendly_errors
@@ -126,6 +130,7 @@ def register(app: typer.Typer) -> None:
         from deepshrink.dsz import unpack
         from deepshrink.measure import file_bytes
 
+        refuse_overwrite(output, (path,))
         unpack(path, output)
         if as_json:
             emit_json({"input": str(path), "output": str(output), "bytes": file_bytes(output)})

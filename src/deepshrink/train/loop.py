@@ -210,6 +210,21 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.T
         :, :, max_shift:-max_shift, max_shift:-max_shift]
 
 
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg: TrainConfig) -> None:
+    """Stop at the first NaN/inf loss: every later step would only spread it into the weights.
+    Data-parallel, the processes agree first (one stopping alone would leave the others waiting
+    in the gradient all-reduce)."""
+    value = float(loss.detach())
+    bad = not math.isfinite(value)
+    if distributed.is_distributed():
+        bad = distributed.all_reduce_floats([float(bad)], "max")[0] > 0
+    if bad:
+        where = f" on rank {distributed.rank()}" if distributed.is_distributed() else ""
+        raise ModelError(f"training diverged: the loss is {value}{where} at epoch {epoch + 1}, "
+                         f"step {step}", hint=f"lower the learning rate (lr={cfg.lr}) or check the data "
+                                              "for NaN/inf values")
+
+
 def default_loss(cfg: TrainConfig) -> LossFn:
     def loss(outputs: torch.Tensor, targets: torch.Tensor, batch: Sequence[torch.Tensor]) -> Any:
         return F.cross_entropy(outputs, targets, label_smoothing=cfg.label_smoothing)
@@ -350,6 +365,7 @@ def _train_step(run: _Run, batch: Sequence[Any], n_global: int) -> tuple[float, 
     loss = res["loss"] if isinstance(res, dict) else res
     for cb in run.callbacks:
         loss = cb.on_loss(state, loss)
+    _check_finite(loss, state.epoch, state.step, cfg)
     state.optimizer.zero_grad(set_to_none=True)
     # DDP averages gradients over processes; weighting each share's mean loss by its size makes
     # that average the global batch's mean gradient (shares differ by one sample at most).
