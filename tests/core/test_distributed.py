@@ -192,3 +192,14 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
         assert order(a, 1) == order(b, 1) != order(b, 0)
         assert sorted(i for batch in order(b, 2) for i in batch) == list(range(20))  # each once
         assert [n for _, n in b.epoch(0)] == [6, 6, 6, 2] and len(b) == 4
+
+
+def test_first_epoch_order_is_the_data_bundle_loaders():
+    """One process, epoch 0: the same batches DataBundle.loader("train", seed=s) gives."""
+    from deepshrink.data import load_digits
+    from deepshrink.train.batches import TensorBatches
+
+    d = load_digits()
+    ours = [b[1] for b, _ in TensorBatches(d.train, 64, seed=5).epoch(0)]
+    theirs = [y for _, y in d.loader("train", 64, seed=5)]
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))

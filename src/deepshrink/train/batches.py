@@ -14,7 +14,7 @@ epoch k sees the same batches as one that never stopped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +43,12 @@ class TensorBatches:
     def epoch(self, epoch: int) -> Iterator[LocalBatch]:
         n = len(self.dataset)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            # The draw a DataLoader makes for its worker seed before shuffling: with it, epoch 0
+            # is exactly DataBundle.loader("train", seed=seed)'s first order (the loop's order
+            # before data-parallel training, which results elsewhere were tuned on).
+            torch.empty((), dtype=torch.int64).random_(generator=gen)
+            order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
         for i in range(0, n, self.batch_size):
@@ -55,12 +60,13 @@ class TensorBatches:
 
 
 class LoaderBatches:
-    """A caller's DataLoader: every process iterates it in the same order and keeps its share
-    of each batch. Random samplers are re-seeded each epoch (their first seed + epoch); one
-    without a generator gets one seeded with ``seed``, because drawing the order from the global
-    RNG would let processes disagree once their RNG use differs."""
+    """A caller's DataLoader (or any re-iterable of batches, e.g. a list): every process
+    iterates it in the same order and keeps its share of each batch (tensors nested in dicts,
+    e.g. tokenizer outputs, are split too). Random samplers are re-seeded each epoch (their
+    first seed + epoch); one without a generator gets one seeded with ``seed``, because drawing
+    the order from the global RNG would let processes disagree once their RNG use differs."""
 
-    def __init__(self, loader: DataLoader, seed: int = 0) -> None:
+    def __init__(self, loader: DataLoader | Iterable[Sequence[Any]], seed: int = 0) -> None:
         self.loader = loader
         self._gens: list[tuple[torch.Generator, int]] = []
         for sampler in _samplers(loader):
@@ -71,7 +77,7 @@ class LoaderBatches:
                 self._gens.append((gen, gen.initial_seed()))
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader)  # type: ignore[arg-type]
 
     def epoch(self, epoch: int) -> Iterator[LocalBatch]:
         for gen, first in self._gens:
@@ -79,16 +85,21 @@ class LoaderBatches:
         world = distributed.world_size()
         for batch in self.loader:
             n = len(batch[1])
+            if world == 1:
+                yield batch, n
+                continue
             if n < world:
                 continue
             a, b = distributed.shard_range(n)
-            yield tuple(t[a:b] if _per_sample(t, n) else t for t in batch), n
+            yield tuple(_share(t, a, b, n) for t in batch), n
 
 
-def _samplers(loader: DataLoader) -> list[Any]:
+def _samplers(loader: Any) -> list[Any]:
     """The loader's sampler, batch sampler and what they wrap (e.g. the RandomSampler inside a
     BatchSampler passed as ``sampler`` with ``batch_size=None``, as transfer_loader builds)."""
     out: list[Any] = []
+    if not isinstance(loader, DataLoader):
+        return out
     todo = [loader.sampler, getattr(loader, "batch_sampler", None)]
     while todo:
         s = todo.pop()
@@ -104,5 +115,12 @@ def _is_random(sampler: Any) -> bool:
     return isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
 
 
-def _per_sample(t: Any, n: int) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+def _share(t: Any, a: int, b: int, n: int) -> Any:
+    """Rows ``a:b`` of every per-sample tensor in ``t`` (nested in dicts, tuples, lists)."""
+    if isinstance(t, torch.Tensor):
+        return t[a:b] if t.dim() > 0 and t.shape[0] == n else t
+    if isinstance(t, Mapping):
+        return {k: _share(v, a, b, n) for k, v in t.items()}
+    if isinstance(t, (tuple, list)):
+        return type(t)(_share(v, a, b, n) for v in t)
+    return t

@@ -33,7 +33,7 @@ from deepshrink import distributed
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.errors import ModelError
-from deepshrink.modeling import output_tensor
+from deepshrink.modeling import output_tensor, to_device
 from deepshrink.progress import console, make_progress
 from deepshrink.train.batches import LoaderBatches, TensorBatches
 from deepshrink.train.resume import read_state, resume_path, write_state
@@ -351,7 +351,7 @@ def _train_step(run: _Run, batch: Sequence[Any], n_global: int) -> tuple[float, 
     """One optimizer step on this process's share of a global batch; returns its summed loss,
     correct count and size (this process's only)."""
     state, cfg = run.state, run.cfg
-    batch = tuple(t.to(run.device) if isinstance(t, torch.Tensor) else t for t in batch)
+    batch = tuple(to_device(t, run.device) for t in batch)
     x, y = batch[0], batch[1]
     if cfg.augment == "shift":
         x = _shift(x, run.aug_gen)  # one shift per global batch: the same on every process
