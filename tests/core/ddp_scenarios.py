@@ -59,7 +59,7 @@ def qat(out: Path) -> nn.Module:
     data = load_digits()
     m = _base()
     calib = data.train.tensors[0][:128]
-    prepare_qat(m, QATConfig(bits=4, act_bits=8), calibration_data=calib)
+    prepare_qat(m, QATConfig(bits=4, act_bits=8), calibration=calib)
     train(m, data, TrainConfig(epochs=1, batch_size=64, lr=5e-4, progress=False))
     return m
 
