@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "deepshrink"
 
 #: Lowest first. A unit may import itself and any unit before it. Keep in the README's order.
 LAYERS: list[str] = [
-    "errors", "config", "fileio", "progress", "distributed", "modeling",
+    "errors", "config", "fileio", "distributed", "progress", "modeling",
     "data", "models", "checkpoint", "train", "measure",
     "coding", "dsz",
     "pruning", "quantization", "distill", "sharing", "redesign", "early_exit",

@@ -19,12 +19,19 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from deepshrink.distributed import is_main
+
 console = Console(stderr=True)
 T = TypeVar("T")
 
 
+def _wanted(requested: bool) -> bool:
+    # Data-parallel (torchrun): only rank 0 shows progress, whatever loop asks for it.
+    return requested and os.environ.get("DEEPSHRINK_NO_PROGRESS", "") == "" and is_main()
+
+
 def progress_enabled(requested: bool = True) -> bool:
-    return requested and os.environ.get("DEEPSHRINK_NO_PROGRESS", "") == "" and sys.stderr.isatty()
+    return _wanted(requested) and sys.stderr.isatty()
 
 
 def make_progress(enabled: bool = True) -> Progress:
@@ -39,7 +46,7 @@ def make_progress(enabled: bool = True) -> Progress:
 def status_lines_enabled(requested: bool = True) -> bool:
     """Periodic one-line status on stderr: when progress is wanted but stderr is no terminal
     (a log file, CI, a pipe), where a live bar would print nothing useful."""
-    return requested and os.environ.get("DEEPSHRINK_NO_PROGRESS", "") == "" and not sys.stderr.isatty()
+    return _wanted(requested) and not sys.stderr.isatty()
 
 
 class Ticker:

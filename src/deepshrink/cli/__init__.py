@@ -7,6 +7,7 @@ import signal
 import typer
 
 from deepshrink.cli import compress, core, distill, prune, quantize
+from deepshrink.cli.common import quiet_unless_main
 
 app = typer.Typer(help="deepshrink: make trained PyTorch models small and fast.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -22,6 +23,7 @@ def _on_signal(signum: int, _frame: object) -> None:
 
 
 def main() -> None:
+    quiet_unless_main()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     app()

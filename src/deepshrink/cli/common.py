@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from deepshrink import distributed
 from deepshrink.errors import ConfigError, DataError, DeepShrinkError
+from deepshrink.progress import console as progress_console
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Wide enough for the results tables when stdout is a pipe or file (rich defaults to 80 there).
@@ -22,6 +24,15 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda (under torchrun: each process's own "
+                             "GPU), cuda:N or auto. Default: the config's (cpu).")
+
+
+def quiet_unless_main() -> None:
+    """Launched by torchrun, only rank 0 prints results and progress. Errors still print on
+    every rank (one of them may fail alone)."""
+    if not distributed.is_main():
+        out.quiet = progress_console.quiet = True
 
 
 def fail(message: str, hint: str | None = None, code: int = 2) -> typer.Exit:
@@ -102,4 +113,6 @@ def json_object(text: str | None, option: str) -> dict[str, Any]:
 
 
 def emit_json(obj: Any) -> None:
+    if not distributed.is_main():
+        return
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

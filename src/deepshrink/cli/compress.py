@@ -8,7 +8,8 @@ from typing import Any
 
 import typer
 
-from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, out
+from deepshrink import distributed
+from deepshrink.cli.common import DEVICE_OPTION, JSON_OPTION, emit_json, err, friendly_errors, out
 from deepshrink.errors import ConfigError
 from deepshrink.fileio import refuse_overwrite
 from deepshrink.measure import ResultTable
@@ -29,7 +30,8 @@ def print_dsz_info(info: dict[str, Any]) -> None:
 
 
 def compress_config(cfg: CompressConfig, *, sparsity: float | None, bits: int | None,
-                    conv_bits: int | None, epochs: int | None) -> CompressConfig:
+                    conv_bits: int | None, epochs: int | None,
+                    device: str | None = None) -> CompressConfig:
     """``cfg`` with the command-line options applied, every part re-validated (no field is
     assigned directly: each change goes through ``override``/``replace``, which run ``validate``)."""
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
@@ -42,6 +44,10 @@ def compress_config(cfg: CompressConfig, *, sparsity: float | None, bits: int | 
     if epochs is not None:
         cfg = cfg.override(prune_train=cfg.prune_train.override(epochs=epochs),
                            finetune=cfg.finetune.override(epochs=epochs) if cfg.finetune else None)
+    if device is not None:  # every fine-tune of the pipeline trains there
+        cfg = cfg.override(prune_train=cfg.prune_train.override(device=device),
+                           finetune=cfg.finetune.override(device=device) if cfg.finetune else None,
+                           prune_final=cfg.prune_final.override(device=device) if cfg.prune_final else None)
     return cfg
 
 
@@ -59,15 +65,18 @@ def register(app: typer.Typer) -> None:
         conv_bits: int | None = typer.Option(None, help="k-means bits for conv weights."),
         epochs: int | None = typer.Option(None, help="Epochs per pruning round and for centroid tuning."),
         stage_dir: Path | None = typer.Option(None, help="Keep every stage's .dsz file here."),
+        device: str | None = DEVICE_OPTION,
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """Prune -> share (k-means) -> fine-tune centroids -> Huffman-code, with a stage table."""
+        """Prune -> share (k-means) -> fine-tune centroids -> Huffman-code, with a stage table.
+        Fine-tunes data-parallel when launched by torchrun; only rank 0 writes files."""
         from deepshrink.checkpoint import load
         from deepshrink.data import load_dataset
         from deepshrink.sharing.pipeline import compress
 
         cfg = compress_config(CompressConfig.from_file(config) if config else CompressConfig(),
-                              sparsity=sparsity, bits=bits, conv_bits=conv_bits, epochs=epochs)
+                              sparsity=sparsity, bits=bits, conv_bits=conv_bits, epochs=epochs,
+                              device=device)
         refuse_overwrite(output, (path,))
         model = load(path)
         bundle = load_dataset(data, data_dir)
@@ -77,7 +86,8 @@ def register(app: typer.Typer) -> None:
                        **res.to_dict()})
         else:
             res.table.print(out)
-            err.print(f"wrote {output} in {res.seconds:.0f} s")
+            if distributed.is_main():  # other torchrun ranks wrote nothing
+                err.print(f"wrote {output} in {res.seconds:.0f} s")
 
     @app.command("pack")
     @friendly_errors

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 import typer
 
+from deepshrink import distributed
 from deepshrink.checkpoint import load, save
 from deepshrink.cli.common import (
+    DEVICE_OPTION,
     JSON_OPTION,
     check_inputs,
     emit_json,
@@ -43,20 +45,23 @@ def register(app: typer.Typer) -> None:
         epochs: int | None = typer.Option(None, help="Override config epochs."),
         lr: float | None = typer.Option(None, help="Override config learning rate."),
         seed: int = typer.Option(0),
+        device: str | None = DEVICE_OPTION,
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """Train a model and save a rebuildable safetensors checkpoint."""
+        """Train a model and save a rebuildable safetensors checkpoint. Runs data-parallel when
+        launched by torchrun (see the README)."""
         bundle = load_dataset(data, data_dir)
         kwargs = {"in_size": bundle.in_size, "num_classes": bundle.num_classes}
         kwargs.update(json_object(model_args, "--model-args"))
         cfg = (TrainConfig.from_file(config) if config else TrainConfig()).override(
-            epochs=epochs, lr=lr, seed=seed)
+            epochs=epochs, lr=lr, seed=seed, device=device)
         torch.manual_seed(seed)
         net = create_model(model, **kwargs)
         check_inputs(net, first_images(bundle, "train"), f"{bundle.name} images")
         result = train(net, bundle, cfg)
         test = evaluate(net, bundle.loader("test", 512))
-        save(net, output, extra={"dataset": bundle.name, "train": cfg.to_dict(), "test": test})
+        distributed.on_main(save, net, output, extra={"dataset": bundle.name, "train": cfg.to_dict(),
+                                                      "test": test})
         res = {"model": model, "output": str(output), "test": test, "history": result.history}
         if as_json:
             emit_json(res)

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 import typer
 
+from deepshrink import distributed
 from deepshrink.checkpoint import load, save
-from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, json_object, out
+from deepshrink.cli.common import DEVICE_OPTION, JSON_OPTION, emit_json, friendly_errors, json_object, out
 from deepshrink.data import load_dataset
 from deepshrink.errors import ConfigError
 from deepshrink.train import TrainConfig, evaluate
@@ -50,9 +51,11 @@ def register(app: typer.Typer) -> None:
         epochs: int | None = typer.Option(None, help="Override the training epochs."),
         lr: float | None = typer.Option(None, help="Override the learning rate."),
         seed: int = typer.Option(0),
+        device: str | None = DEVICE_OPTION,
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """Distil one teacher or an ensemble into a student; report teacher and student accuracy."""
+        """Distil one teacher or an ensemble into a student; report teacher and student accuracy.
+        Trains data-parallel when launched by torchrun (the teacher cache is built once, split)."""
         from deepshrink.distill import KDConfig, Teacher, distill
         from deepshrink.models import create_model
 
@@ -69,7 +72,7 @@ def register(app: typer.Typer) -> None:
         kd = kd.override(temperature=temperature, alpha=alpha, combine=combine, weights=w,
                          cache=False if no_cache else None, hints=_parse_hints(hint) or None)
         tc = TrainConfig.from_file(train_config) if train_config else TrainConfig()
-        tc = tc.override(epochs=epochs, lr=lr, seed=seed)
+        tc = tc.override(epochs=epochs, lr=lr, seed=seed, device=device)
         teachers = [load(p) for p in teacher]
         torch.manual_seed(seed)
         if Path(student).is_file():
@@ -92,8 +95,9 @@ def register(app: typer.Typer) -> None:
                 lambda x: teacher_log_probs(ens(x), 1.0, kd.combine, kd.weights), test_loader)["top1"]
         distill(net, kd, teacher=ens, data=bundle, train_config=tc)
         test = evaluate(net, test_loader)
-        save(net, output, extra={"dataset": bundle.name, "distill": kd.to_dict(), "train": tc.to_dict(),
-                                 "teachers": [str(p) for p in teacher], "test": test})
+        distributed.on_main(save, net, output, extra={
+            "dataset": bundle.name, "distill": kd.to_dict(), "train": tc.to_dict(),
+            "teachers": [str(p) for p in teacher], "test": test})
         res = {"output": str(output), "teacher_test_top1": teacher_acc, "student_before_top1": before,
                "student_test": test, "kd_config": kd.to_dict()}
         if as_json:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import typer
 
+from deepshrink import distributed
 from deepshrink.checkpoint import load, save
 from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out
 from deepshrink.errors import ConfigError
@@ -43,6 +44,13 @@ def _unstructured_config(method: str, ratio: float, scope: str, threshold: float
         method, scope = "magnitude", method
     return UnstructuredConfig(ratio=ratio, method=method, scope=scope, threshold=threshold,
                               quality=quality, overrides=overrides, skip_last=skip_last)
+
+
+def _save_dense(model: Any, output: Path, input: Path, cfg: Any) -> None:
+    from deepshrink.fileio import atomic_path
+
+    with atomic_path(output, protect=(input,)) as tmp:
+        save(model, tmp, extra={"pruning": cfg.to_dict()})
 
 
 def register(app: typer.Typer) -> None:
@@ -79,11 +87,13 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("compact", "--format", help="unstructured: 'compact' (relative-index "
                                 "sparse file, smaller) or 'dense' (ordinary checkpoint with zeros)."),
         seed: int = typer.Option(0),
+        device: str = typer.Option("cpu", "--device", help="Fine-tune on cpu, cuda (under torchrun: "
+                                   "each process's own GPU), cuda:N or auto."),
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """Prune a saved model; never overwrites the input file."""
+        """Prune a saved model; never overwrites the input file. Fine-tunes data-parallel when
+        launched by torchrun."""
         from deepshrink.data import load_dataset
-        from deepshrink.fileio import atomic_path
         from deepshrink.pruning import (
             ChannelConfig,
             GradualPruning,
@@ -113,7 +123,7 @@ def register(app: typer.Typer) -> None:
             channel and importance in ("activation", "apoz", "taylor"))
         bundle = load_dataset(data, data_dir) if needs_data else None
         ft = TrainConfig(epochs=max(epochs, 1), lr=lr, seed=seed, keep_best=schedule != "gradual",
-                         progress=not as_json)
+                         progress=not as_json, device=device)
         acc_before = evaluate(model, bundle.loader("test", 512))["top1"] if bundle else None
         info: dict[str, Any] = {}
 
@@ -133,8 +143,7 @@ def register(app: typer.Typer) -> None:
             model = prune(model, cfg, example_inputs=example, calibration=calib)
             if epochs > 0:
                 train(model, bundle, ft)
-            with atomic_path(output, protect=(input,)) as tmp:
-                save(model, tmp, extra={"pruning": cfg.to_dict()})
+            distributed.on_main(_save_dense, model, output, input, cfg)
         else:
             cfg = _unstructured_config(method, ratio, scope, threshold, quality, _overrides(override),
                                        skip_last, config)
@@ -153,10 +162,10 @@ def register(app: typer.Typer) -> None:
                     train(model, bundle, ft, callbacks=[MaskCallback()])
             make_permanent(model)
             if fmt == "compact":
-                save_sparse(model, output, extra={"pruning": cfg.to_dict()}, protect=(input,))
+                distributed.on_main(save_sparse, model, output, extra={"pruning": cfg.to_dict()},
+                                    protect=(input,))
             else:
-                with atomic_path(output, protect=(input,)) as tmp:
-                    save(model, tmp, extra={"pruning": cfg.to_dict()})
+                distributed.on_main(_save_dense, model, output, input, cfg)
 
         total1, nz1 = count_params(model)
         acc_after = evaluate(model, bundle.loader("test", 512))["top1"] if bundle else None

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from deepshrink import distributed
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.distill.hints import Hints
@@ -150,6 +151,7 @@ class Distiller(Callback):
                     "(they belong to the un-augmented inputs)",
                     hint="set augment='none', or KDConfig(cache=False) to run the teacher on every batch")
             if self.config.cache and not precached:
+                distributed.setup(tcfg.device)  # under torchrun: build the cache once, split
                 dataset = cache_teacher_outputs(self.teacher, dataset,
                                                 features=list(self.config.hints.values()))
             loader = transfer_loader(dataset, tcfg.batch_size, shuffle=True, seed=tcfg.seed)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepshrink import distributed
 from deepshrink.distill.teachers import FeatureTap
 
 
@@ -65,6 +66,8 @@ class Hints:
         self.adapters = nn.ModuleList(HintAdapter(s.shape[1:], t.shape[1:])
                                       for s, t in zip(s_feats, t_feats, strict=True))
         self.adapters.to(s_feats[0].device)
+        # Data-parallel: the adapters live outside the DDP model; start them equal everywhere.
+        distributed.broadcast(p.data for p in self.adapters.parameters())
         self.optimizer = torch.optim.Adam(self.adapters.parameters(), lr=lr)
 
     def loss(self, teacher_feats: Sequence[torch.Tensor] | None = None, lr: float = 1e-3) -> torch.Tensor:
@@ -84,6 +87,8 @@ class Hints:
     def step(self) -> None:
         """Update the adapters (after the loss's backward pass) and clear their gradients."""
         if self.optimizer is not None:
+            assert self.adapters is not None
+            distributed.average_gradients(self.adapters.parameters())  # as DDP does for the student
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 

@@ -20,9 +20,11 @@ from torch.utils.data import (
     Dataset,
     RandomSampler,
     SequentialSampler,
+    Subset,
     TensorDataset,
 )
 
+from deepshrink import distributed
 from deepshrink.errors import ModelError
 from deepshrink.modeling import Inputs, call, eval_mode, output_tensor
 
@@ -119,8 +121,24 @@ def cache_teacher_outputs(teacher: Teacher | nn.Module | Sequence[nn.Module], da
     The cache is only valid for these exact inputs: training on it with input augmentation
     would pair augmented images with the logits of the clean ones, so :func:`distill` refuses
     that combination.
+
+    Data-parallel (under torchrun), each process runs the teacher on its contiguous share of
+    ``dataset`` and the shares are gathered: the cache is built once, split across the
+    processes, and every process ends with the whole of it, in the dataset's order.
     """
     t = as_teacher(teacher)
+    if distributed.is_distributed():
+        a, b = distributed.shard_range(len(dataset))
+        part = TensorDataset(*(x[a:b] for x in dataset.tensors)) if isinstance(dataset, TensorDataset) \
+            else Subset(dataset, range(a, b))
+        cols = _teacher_columns(t, part, features, batch_size)
+        return TensorDataset(*(distributed.all_gather_cat(c) for c in cols))
+    return TensorDataset(*_teacher_columns(t, dataset, features, batch_size))
+
+
+def _teacher_columns(t: Teacher, dataset: Dataset, features: Sequence[str], batch_size: int
+                     ) -> list[torch.Tensor]:
+    """``[x, y, teacher_logits, *features]`` over ``dataset``."""
     tap = FeatureTap(t.members[0], features, "teacher") if features else None
     xs, ys, logits, feats = [], [], [], []
     try:
@@ -135,5 +153,4 @@ def cache_teacher_outputs(teacher: Teacher | nn.Module | Sequence[nn.Module], da
         if tap is not None:
             tap.remove()
     cols = [torch.cat(xs), torch.cat(ys), torch.cat(logits)]
-    cols += [torch.cat([f[i] for f in feats]) for i in range(len(features))]
-    return TensorDataset(*cols)
+    return cols + [torch.cat([f[i] for f in feats]) for i in range(len(features))]

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from deepshrink import distributed
 from deepshrink.errors import ModelError
 from deepshrink.train import Callback, TrainState
 
@@ -58,7 +59,7 @@ def apply_masks(model: nn.Module, masks: Masks, *, combine: bool = True) -> nn.M
         merged[name] = m.clone() if old is None else (old & m)
     params = _params(model)
     for name, m in merged.items():
-        params[name].mul_(m.to(params[name].dtype))
+        params[name].mul_(m.to(params[name].device, params[name].dtype))
     object.__setattr__(model, MASKS_ATTR, merged)  # plain attribute: never saved as state
     return model
 
@@ -68,7 +69,7 @@ def reapply_masks(model: nn.Module) -> None:
     """Zero the attached masks' pruned weights again (after an optimizer step, a weight load)."""
     params = _params(model)
     for name, m in get_masks(model).items():
-        params[name].mul_(m.to(params[name].dtype))
+        params[name].mul_(m.to(params[name].device, params[name].dtype))
 
 
 def masks_from_zeros(model: nn.Module, names: Iterable[str] | None = None) -> Masks:
@@ -125,23 +126,27 @@ class MaskCallback(Callback):
 
     def on_train_begin(self, state: TrainState) -> None:
         masks = self._current(state.model)
+        check_masks(state.model, masks)
+        # Data-parallel: every process must keep the same weights; masks scored on each
+        # process's own data could differ, so rank 0's win (a no-op in one process).
+        distributed.broadcast(masks.values())
         if self.masks is not None:
             apply_masks(state.model, self.masks)
         else:
             reapply_masks(state.model)
         self._params = _params(state.model)
-        check_masks(state.model, masks)
 
     def after_backward(self, state: TrainState) -> None:
         for name, m in self._current(state.model).items():
             g = self._params[name].grad
             if g is not None:
-                g.mul_(m.to(g.dtype))
+                g.mul_(m.to(g.device, g.dtype))
 
     @torch.no_grad()
     def on_step_end(self, state: TrainState) -> None:
         for name, m in self._current(state.model).items():
-            self._params[name].mul_(m.to(self._params[name].dtype))
+            p = self._params[name]
+            p.mul_(m.to(p.device, p.dtype))
 
     def on_train_end(self, state: TrainState) -> None:
         # train(keep_best=True) loads a saved state after the last step: mask it too.

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepshrink import distributed
 from deepshrink.errors import ModelError
 from deepshrink.quantization import core
 from deepshrink.quantization.core import QuantSpec, from_rows, qparams, qrange, to_rows
@@ -160,13 +161,21 @@ class ActFakeQuant(nn.Module):
             return self.lsq_scale.detach().abs() + 1e-12
         return self.scale.detach().clone()
 
+    def _global_view(self, x: torch.Tensor) -> torch.Tensor:
+        """What the QAT range follows. Data-parallel, each process holds a share of the batch:
+        min/max observers get the global batch's extremes (a 2-element tensor with the same
+        min and max), so every process, and a one-process run, keeps the same scale."""
+        if distributed.is_distributed() and self.method in ("minmax", "moving_average"):
+            return distributed.global_extremes(x)
+        return x.detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qrange(self.bits, False)
         if self.observing:
             self.observer.update(x.detach())
             return x
         if self.training and (self.lsq_scale is None):
-            self.observer.update(x.detach())
+            self.observer.update(self._global_view(x))
             self.freeze()
         if not bool(self.ready):
             raise ModelError("activation quantizer used before calibration",

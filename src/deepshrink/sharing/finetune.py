@@ -8,9 +8,12 @@ ordinary module and the clustering (who belongs where) never changes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from deepshrink import distributed
 from deepshrink.errors import ModelError
 from deepshrink.sharing.kmeans import get_sharing, write_shared_weights
 from deepshrink.train import Callback, TrainState
@@ -53,6 +56,12 @@ class CentroidFineTune(Callback):
             raise ModelError("CentroidFineTune: the model has no shared weights",
                              hint="call deepshrink.sharing.share(model, KMeansConfig(...)) first")
         self._params = dict(state.model.named_parameters())
+        self._model = state.model
+        for name, st in sharing.items():  # follow the model to its training device
+            dev = self._params[name].device
+            st.codebook, st.index = st.codebook.to(dev), st.index.to(dev)
+        # Data-parallel: every process must fine-tune the same clustering (rank 0's).
+        distributed.broadcast(t for st in sharing.values() for t in (st.codebook, st.index))
         self._books = {n: st.codebook.requires_grad_(False) for n, st in sharing.items()}
         books = list(self._books.values())
         lr = state.optimizer.param_groups[0]["lr"] * self.lr_scale
@@ -87,3 +96,22 @@ class CentroidFineTune(Callback):
             for name, book in self._best[1].items():
                 self._books[name].copy_(book)
         write_shared_weights(state.model)  # keep weights and codebooks in sync
+        for st in get_sharing(state.model).values():  # sharing state lives on the CPU
+            st.codebook, st.index = st.codebook.cpu(), st.index.cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Codebooks and their optimizer: the clustering is rebuilt by the script, the
+        fine-tuned centroids are not (the loop's checkpoint alone would be overwritten)."""
+        return {"books": {n: b.detach().cpu().clone() for n, b in self._books.items()},
+                "optimizer": self._opt.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        books = state.get("books", {})
+        if set(books) != set(self._books):
+            raise ModelError(f"CentroidFineTune: saved codebooks for {sorted(books)}, "
+                             f"the model shares {sorted(self._books)}")
+        for name, book in books.items():
+            self._books[name].copy_(book)
+        self._opt.load_state_dict(state["optimizer"])
+        write_shared_weights(self._model)

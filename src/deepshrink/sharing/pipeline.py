@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepshrink import distributed
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.dsz import PackConfig, PackReport, load_dsz, pack
@@ -149,7 +150,10 @@ def compress(model: nn.Module, data: DataBundle, config: CompressConfig | None =
     table.add(stage="baseline (fp32 safetensors)", nonzero=nz, bytes=fp32, ratio=1.0, top1=base["top1"],
               val_top1=base["val_top1"], drop_pt=0.0)
     with scratch_dir() as tmp:
-        sdir = Path(stage_dir) if stage_dir else Path(tmp)
+        # Data-parallel: every process packs and reloads each stage (same model, same table),
+        # but only the main process writes where the caller asked; the others use their tmp.
+        main = distributed.is_main()
+        sdir = Path(stage_dir) if stage_dir and main else Path(tmp)
         sdir.mkdir(parents=True, exist_ok=True)
         fixed = dataclasses.replace(cfg.pack, entropy="fixed")
         prune_step(model, data, cfg, teacher=ref)
@@ -166,7 +170,7 @@ def compress(model: nn.Module, data: DataBundle, config: CompressConfig | None =
             _stage(table, "+ centroid fine-tuning", tuned, rep.bytes, fp32, base["top1"], data)
         if cfg.pack.codebook_dtype == "float16":
             round_codebooks(model, torch.float16)  # the model then equals what the file stores
-        out = Path(output) if output else sdir / "4-huffman.dsz"
+        out = Path(output) if output and main else sdir / "4-huffman.dsz"
         final, rep = _packed(model, out, cfg.pack)
         ent = rep.entropy_summary()
         _stage(table, f"+ {cfg.pack.entropy} coding (.dsz)", final, rep.bytes, fp32, base["top1"], data,
