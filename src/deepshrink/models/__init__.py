@@ -1,6 +1,7 @@
 """Model registry, reference models and `transformers` models built from configs."""
 
 from deepshrink.models import hf as hf  # registers "hf"
+from deepshrink.models import mobilenet as mobilenet  # registers "mobilenet_v2"
 from deepshrink.models import reference as reference  # registers the reference models
 from deepshrink.models.registry import (
     ModelSpec,
