@@ -170,12 +170,18 @@ def trace_graph(model: nn.Module, example_inputs: Any) -> GraphTrace:
     return trace
 
 
-def _single_successor(trace: GraphTrace, call: Call) -> Call | None:
-    """The one leaf call that consumes ``call``'s output, if its output has exactly one use."""
-    if call.output is None or trace.uses[call.output] != 1:
-        return None
-    nxt = trace.consumers(call.output)
-    return nxt[0] if len(nxt) == 1 and nxt[0].inputs == [call.output] else None
+def _single_successor(trace: GraphTrace, call: Call, modules: dict[str, nn.Module]) -> Call | None:
+    """The one leaf call that consumes ``call``'s output, if its output has exactly one use
+    (looking through ``nn.Identity``, e.g. a BatchNorm folded earlier)."""
+    while True:
+        if call.output is None or trace.uses[call.output] != 1:
+            return None
+        nxt = trace.consumers(call.output)
+        if len(nxt) != 1 or nxt[0].inputs != [call.output]:
+            return None
+        if not isinstance(modules[nxt[0].name], nn.Identity):
+            return nxt[0]
+        call = nxt[0]
 
 
 def fold_batchnorm(model: nn.Module, *, example_inputs: Any) -> FoldResult:
@@ -189,7 +195,7 @@ def fold_batchnorm(model: nn.Module, *, example_inputs: Any) -> FoldResult:
         if not isinstance(layer, FOLDABLE) or trace.call_count[call.name] != 1:
             continue
         last = call
-        nxt = _single_successor(trace, call)
+        nxt = _single_successor(trace, call, modules)
         if nxt is not None and isinstance(modules[nxt.name], NORMS):
             why = _fold_problem(layer, modules[nxt.name], trace.call_count[nxt.name])
             if why:
@@ -199,7 +205,7 @@ def fold_batchnorm(model: nn.Module, *, example_inputs: Any) -> FoldResult:
                 modeling.set_submodule(model, nxt.name, nn.Identity())
                 result.folded[call.name] = nxt.name
                 last = nxt
-                nxt = _single_successor(trace, nxt)
+                nxt = _single_successor(trace, nxt, modules)
         act = _activation(modules[nxt.name], nxt.name, trace) if nxt is not None else None
         if act is not None:
             result.activations[call.name] = act

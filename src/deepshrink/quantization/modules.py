@@ -225,6 +225,12 @@ def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
+def clamp_act(y: torch.Tensor, act: tuple[float, float]) -> torch.Tensor:
+    """An absorbed ReLU (hi = inf), ReLU6 or clip."""
+    lo, hi = act
+    return torch.clamp_min(y, lo) if math.isinf(hi) else torch.clamp(y, lo, hi)
+
+
 def act_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """What ONNX QuantizeLinear + DequantizeLinear (uint8 at 8 bits) do."""
     return (torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale
@@ -247,6 +253,9 @@ class QuantizedLayer(nn.Module):
         self.shape = tuple(meta["shape"])
         self.conv = meta.get("conv", {})
         self.act_bits = int(meta.get("act_bits", 8))
+        # An absorbed activation (ReLU / ReLU6 / clip after a folded BN), as a clamp range.
+        act = meta.get("act")
+        self.act: tuple[float, float] | None = (float(act["lo"]), float(act["hi"])) if act else None
         n = math.prod(self.shape)
         rows = to_rows(torch.empty(self.shape), self.spec).shape[0]
         self.register_buffer("packed", torch.zeros(packed_nbytes(self._rows_numel(n), self.spec.bits),
@@ -277,15 +286,19 @@ class QuantizedLayer(nn.Module):
     @classmethod
     def from_float(cls, layer: nn.Module, spec: QuantSpec, mode: str, *, method: str = "mse",
                    act: ActFakeQuant | None = None, out: ActFakeQuant | None = None,
-                   weight_q: WeightFakeQuant | None = None) -> QuantizedLayer:
+                   weight_q: WeightFakeQuant | None = None,
+                   activation: tuple[float, float] | None = None) -> QuantizedLayer:
         """Quantize a float layer. ``weight_q`` (from QAT) fixes the scales; else ``method``
-        estimates the clipping range. ``act`` / ``out`` carry calibrated activation params."""
+        estimates the clipping range. ``act`` / ``out`` carry calibrated activation params;
+        ``activation`` is the (lo, hi) clamp of a following ReLU / ReLU6 the layer absorbs."""
         kind = _layer_kind(layer)
         w = layer.weight.detach().float()
         meta: dict[str, Any] = {"kind": kind, "mode": mode, "spec": spec.to_dict(),
                                 "shape": list(w.shape), "bias": getattr(layer, "bias", None) is not None,
                                 "conv": _conv_args(layer), "act_bits": act.bits if act else 8,
                                 "out_q": out is not None}
+        if activation is not None:
+            meta["act"] = {"lo": float(activation[0]), "hi": float(activation[1])}
         self = cls(meta)
         rows = to_rows(w, spec)
         if weight_q is not None:
@@ -370,10 +383,25 @@ class QuantizedLayer(nn.Module):
             x = act_fake_quant(x, self.in_scale, self.in_zero, self.act_bits)
         elif self.mode == "dynamic":
             x = dynamic_fake_quant(x)
-        y = _apply(self.kind, x, self.dense_weight().to(x.dtype), self.bias, self.conv)
+        y = _apply(self.kind, x, self.dense_weight().to(x.dtype), self.grid_bias(), self.conv)
+        if self.act is not None:
+            y = clamp_act(y, self.act)
         if self.mode == "static" and self.meta.get("out_q"):
             y = act_fake_quant(y, self.out_scale, self.out_zero, self.act_bits)
         return y
+
+    def bias_scale(self) -> torch.Tensor:
+        """Scale of the int32 bias of a static conv: input scale x weight scale, per channel."""
+        return (self.in_scale * self.scale).reshape(-1).expand(self.shape[0])
+
+    def grid_bias(self) -> torch.Tensor | None:
+        """The bias as it runs: a static conv's bias is stored as int32 on the grid of
+        (input scale x weight scale), which ONNX Runtime's QLinearConv requires."""
+        if (self.bias is None or self.mode != "static" or self.kind in ("linear", "embedding")
+                or self.spec.granularity == "group"):
+            return self.bias
+        s = self.bias_scale()
+        return torch.round(self.bias / s).clamp(-(2**31) + 1, 2**31 - 1) * s
 
     def extra_repr(self) -> str:
         return (f"{self.kind} {tuple(self.shape)}, {self.mode}, {self.spec.bits} bits, "

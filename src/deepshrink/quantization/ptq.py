@@ -29,12 +29,14 @@ from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.errors import DataError
 from deepshrink.models import record_edit, register_edit
+from deepshrink.quantization import cnn
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
 from deepshrink.quantization.modules import (
     MODES,
     QUANTIZABLE,
     ActFakeQuant,
     QuantizedLayer,
+    clamp_act,
 )
 from deepshrink.quantization.observers import ACT_RANGE_METHODS, RANGE_METHODS
 
@@ -72,6 +74,11 @@ class PTQConfig(Config):
     target_bits: float | None = None  # mixed precision: average weight bits to reach
     candidate_bits: tuple[int, ...] = (2, 4, 8)
     embedding_bits: int | None = None  # also quantize nn.Embedding tables (weight-only, per row)
+    # CNNs (static mode; see quantization/cnn.py): fold BatchNorm and absorb the following
+    # ReLU/ReLU6 so ONNX Runtime fuses QLinearConv; cross-layer equalization; bias correction.
+    fold: bool = True
+    equalize: bool = False
+    bias_correction: bool = False
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -149,8 +156,11 @@ def run_model(model: nn.Module, x: Inputs) -> Any:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Inputs],
-              cfg: PTQConfig) -> dict[str, tuple[ActFakeQuant, ActFakeQuant | None]]:
-    """Observe each layer's input (and conv output) over the batches; return frozen quantizers."""
+              cfg: PTQConfig, clamps: dict[str, tuple[float, float]] | None = None
+              ) -> dict[str, tuple[ActFakeQuant, ActFakeQuant | None]]:
+    """Observe each layer's input (and conv output, after an absorbed activation's clamp) over
+    the batches; return frozen quantizers."""
+    clamps = clamps or {}
     obs: dict[str, tuple[ActFakeQuant, ActFakeQuant | None]] = {}
     hooks = []
     for name, layer in layers:
@@ -161,8 +171,9 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
         hooks.append(layer.register_forward_pre_hook(
             lambda m, args, q=a_in: q.observer.update(args[0].detach())))
         if a_out is not None:
+            c = clamps.get(name)
             hooks.append(layer.register_forward_hook(
-                lambda m, args, y, q=a_out: q.observer.update(y.detach())))
+                lambda m, args, y, q=a_out, c=c: q.observer.update(clamp_act(y.detach(), c) if c else y.detach())))
         obs[name] = (a_in, a_out)
     was_training = model.training
     model.eval()
@@ -185,11 +196,17 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calibration_data
     and return it. ``calibration_data`` is needed for ``static`` mode and mixed precision."""
     cfg = config or PTQConfig()
     model.eval()
-    layers = quantizable_layers(model, cfg.skip)
     layer_bits = dict(cfg.layer_bits)
     batches: list[Inputs] | None = None
     if cfg.mode == "static" or cfg.target_bits is not None:
         batches = calibration_batches(calibration_data, cfg.calib_batches)
+    prep = None
+    if cfg.mode == "static" and cfg.fold and batches:
+        names = [n for n, _ in quantizable_layers(model, cfg.skip)]
+        prep = cnn.prepare(model, batches, equalize_weights=cfg.equalize,
+                           bias_correction=cfg.bias_correction, names=names)
+    layers = quantizable_layers(model, cfg.skip)
+    clamps = prep.clamps() if prep else {}
     if cfg.target_bits is not None:
         from deepshrink.quantization.mixed import choose_bits, layer_sensitivity
 
@@ -198,14 +215,19 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calibration_data
         sizes = {n: m.weight.numel() for n, m in layers}
         chosen = choose_bits(sens, sizes, cfg.target_bits)
         layer_bits = {**chosen, **layer_bits}
-    acts = calibrate(model, layers, batches, cfg) if cfg.mode == "static" else {}
-    metas: dict[str, Any] = {}
+    acts = calibrate(model, layers, batches, cfg, clamps) if cfg.mode == "static" else {}
+    links = cnn.link_chains(model, layers, batches[0], clamps) if prep and batches else {}
+    float_weights = {n: m.weight.detach().clone() for n, m in layers} if prep else {}
+    qlayers: dict[str, QuantizedLayer] = {}
     for name, layer in layers:
         spec = cfg.spec_for(name, bits_for(name, cfg.bits, layer_bits))
         a_in, a_out = acts.get(name, (None, None))
-        q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out)
-        set_module(model, name, q)
-        metas[name] = q.meta
+        qlayers[name] = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in,
+                                                  out=a_out, activation=clamps.get(name))
+        set_module(model, name, qlayers[name])
+    if prep:
+        cnn.finish(model, prep, float_weights, links)
+    metas: dict[str, Any] = {n: q.meta for n, q in qlayers.items()}
     if cfg.embedding_bits is not None:
         emb = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding
                and not any(fnmatch.fnmatchcase(n, p) for p in cfg.skip)]
@@ -214,13 +236,17 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calibration_data
             q = QuantizedLayer.from_float(layer, spec, "weight-only", method=cfg.weight_range)
             set_module(model, name, q)
             metas[name] = q.meta
-    record_edit(model, {"kind": "quantize", "layers": metas})
+    edit: dict[str, Any] = {"kind": "quantize", "layers": metas}
+    if prep:
+        edit["cnn"] = prep.edit(set(qlayers))
+    record_edit(model, edit)
     return model
 
 
 @register_edit("quantize")
 def _replay_quantize(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild empty quantized layers of the recorded shapes; the file fills their buffers."""
+    cnn.replay(model, edit.get("cnn", {}))
     for name, meta in edit["layers"].items():
         set_module(model, name, QuantizedLayer(meta))
     return model
