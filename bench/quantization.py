@@ -5,6 +5,7 @@ bench/results/lenet300-int8.onnx and bench/results/lenet5-int8.onnx.
 
     .venv/bin/python bench/quantization.py                 # everything (~10-15 min on 2 cores)
     .venv/bin/python bench/quantization.py --only latency  # one section
+    .venv/bin/python bench/quantization.py --only cnn      # int8 CNNs (see bench/quantization_cnn.py)
     .venv/bin/python bench/quantization.py --quick         # smoke run (fewer epochs/repeats)
 
 Threads: training and PTQ use TRAIN_THREADS torch threads; every latency measurement uses
@@ -46,6 +47,7 @@ from deepshrink.quantization import (
     weight_bytes,
 )
 from deepshrink.train import TrainConfig, evaluate, logits_of, train
+from quantization_cnn import cnn_section
 
 TRAIN_THREADS = 1  # on a loaded 2-core machine one thread beats two (no OpenMP contention)
 BASE = RESULTS  # where the baselines are read and the int8 exports written
@@ -273,7 +275,7 @@ def latency_section(data: Any, quick: bool, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", choices=("accuracy", "latency"))
+    ap.add_argument("--only", choices=("accuracy", "latency", "cnn"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--baselines", type=Path, default=RESULTS,
                     help="directory with lenet300/lenet5.safetensors (development runs)")
@@ -283,7 +285,7 @@ def main() -> None:
     if not fashion_mnist_available():
         sys.exit("Fashion-MNIST is not available; see deepshrink.data")
     for ckpt in ("lenet300.safetensors", "lenet5.safetensors"):
-        if not (BASE / ckpt).exists():
+        if args.only != "cnn" and not (BASE / ckpt).exists():
             sys.exit(f"missing baseline {BASE / ckpt}: run bench/baselines.py first")
     t0 = time.perf_counter()
     data = load_fashion_mnist()
@@ -293,12 +295,6 @@ def main() -> None:
                            "threads": {"train_torch": TRAIN_THREADS, "latency_torch": LATENCY_THREADS,
                                        "latency_ort_intra_op": LATENCY_THREADS}}
     prev_path = BASE / "quantization.json"
-    if args.only and prev_path.exists():
-        prev = json.loads(prev_path.read_text())
-        out.update({k: v for k, v in prev.items() if k in ("accuracy", "latency")})
-        # which command produced each part (the other part keeps its earlier command)
-        before = prev.get("commands", {k: prev.get("command") for k in ("accuracy", "latency")})
-        out["commands"] = {**before, args.only: cmd}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.only in (None, "accuracy"):
@@ -306,8 +302,18 @@ def main() -> None:
             out["accuracy"] = {n: accuracy_section(n, data, args.quick, tmp) for n in ("lenet300", "lenet5")}
         if args.only in (None, "latency"):
             out["latency"] = latency_section(data, args.quick, tmp)
+        if args.only in (None, "cnn"):
+            out["cnn"] = cnn_section(data, args.quick, tmp, LATENCY_THREADS)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["quick"] = args.quick
+    if args.only and prev_path.exists():
+        # read-modify-write, read just before writing: keep every section this run did not
+        # produce (other sections are written by other runs, possibly while this one ran)
+        prev = json.loads(prev_path.read_text())
+        before = prev.get("commands", {k: prev.get("command") for k in ("accuracy", "latency")})
+        out = {**{k: v for k, v in prev.items() if k != "machine"},
+               **{k: v for k, v in out.items() if k not in ("commands", "command", "seconds", "quick")},
+               "commands": {**before, args.only: cmd}, f"{args.only}_seconds": out["seconds"]}
     if BASE == RESULTS:
         path = write_results("quantization", out)
     else:  # a development run against other checkpoints never touches the committed results

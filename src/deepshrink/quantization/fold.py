@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from deepshrink import modeling
+from deepshrink.models import register_edit
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -37,9 +38,29 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 ACTIVATIONS: dict[type, tuple[float, float]] = {nn.ReLU: (0.0, float("inf")), nn.ReLU6: (0.0, 6.0)}
 
 # Tensor functions that read metadata only: they do not consume the tensor's values.
-_META = {"size", "dim", "shape", "numel", "dtype", "device", "is_floating_point", "__len__", "ndim",
-         "is_contiguous", "requires_grad", "__get__", "data_ptr", "is_complex", "layout", "stride",
-         "element_size", "nelement", "__format__", "__repr__", "__bool__"}
+_META = {
+    "size",
+    "dim",
+    "shape",
+    "numel",
+    "dtype",
+    "device",
+    "is_floating_point",
+    "__len__",
+    "ndim",
+    "is_contiguous",
+    "requires_grad",
+    "__get__",
+    "data_ptr",
+    "is_complex",
+    "layout",
+    "stride",
+    "element_size",
+    "nelement",
+    "__format__",
+    "__repr__",
+    "__bool__",
+}
 
 
 Key = tuple[int, int]  # (id of the tensor, version: bumped when an op writes it in place)
@@ -91,8 +112,10 @@ class FoldResult:
     skipped: dict[str, str]  # BatchNorm name -> why it was not folded
 
     def summary(self) -> str:
-        return (f"{len(self.folded)} BatchNorm folded, {len(self.activations)} activations found, "
-                f"{len(self.skipped)} BatchNorm left")
+        return (
+            f"{len(self.folded)} BatchNorm folded, {len(self.activations)} activations found, "
+            f"{len(self.skipped)} BatchNorm left"
+        )
 
 
 class _UseCounter(TorchFunctionMode):
@@ -146,6 +169,7 @@ def trace_graph(model: nn.Module, example_inputs: Any) -> GraphTrace:
                 trace.calls.append(Call(name, [trace.key(t) for t in ins], None))
                 trace.call_count[name] += 1
             depth[0] += 1
+
         return hook
 
     def post(m: nn.Module, args: tuple, out: Any) -> None:
@@ -194,7 +218,6 @@ def fold_batchnorm(model: nn.Module, *, example_inputs: Any) -> FoldResult:
         layer = modules[call.name]
         if not isinstance(layer, FOLDABLE) or trace.call_count[call.name] != 1:
             continue
-        last = call
         nxt = _single_successor(trace, call, modules)
         if nxt is not None and isinstance(modules[nxt.name], NORMS):
             why = _fold_problem(layer, modules[nxt.name], trace.call_count[nxt.name])
@@ -204,7 +227,6 @@ def fold_batchnorm(model: nn.Module, *, example_inputs: Any) -> FoldResult:
                 fold_pair(layer, modules[nxt.name])
                 modeling.set_submodule(model, nxt.name, nn.Identity())
                 result.folded[call.name] = nxt.name
-                last = nxt
                 nxt = _single_successor(trace, nxt, modules)
         act = _activation(modules[nxt.name], nxt.name, trace) if nxt is not None else None
         if act is not None:
@@ -261,3 +283,21 @@ def absorb_activations(model: nn.Module, activations: dict[str, ActInfo]) -> Non
     for info in activations.values():
         if not info.shared:
             modeling.set_submodule(model, info.module, nn.Identity())
+
+
+@register_edit("fold")
+def _replay_fold(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
+    """A rebuilt model repeats the folding's structure: folded BNs become Identity and the convs
+    before them get a bias (its values come from the file)."""
+    for name in edit.get("identity", []):
+        modeling.set_submodule(model, name, nn.Identity())
+    for name in edit.get("bias", []):
+        layer = model.get_submodule(name)
+        if getattr(layer, "bias", None) is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+    return model
+
+
+def fold_edit(result: FoldResult) -> dict[str, Any]:
+    """The structural edit to record after :func:`fold_batchnorm` (see :func:`_replay_fold`)."""
+    return {"kind": "fold", "identity": sorted(result.folded.values()), "bias": sorted(result.folded)}

@@ -173,7 +173,8 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
         if a_out is not None:
             c = clamps.get(name)
             hooks.append(layer.register_forward_hook(
-                lambda m, args, y, q=a_out, c=c: q.observer.update(clamp_act(y.detach(), c) if c else y.detach())))
+                lambda m, args, y, q=a_out, c=c: q.observer.update(clamp_act(y.detach(), c) if c
+                                                                   else y.detach())))
         obs[name] = (a_in, a_out)
     was_training = model.training
     model.eval()
@@ -226,7 +227,7 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calibration_data
                                                   out=a_out, activation=clamps.get(name))
         set_module(model, name, qlayers[name])
     if prep:
-        cnn.finish(model, prep, float_weights, links)
+        cnn.finish(model, prep, float_weights, links, batches or [])
     metas: dict[str, Any] = {n: q.meta for n, q in qlayers.items()}
     if cfg.embedding_bits is not None:
         emb = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding

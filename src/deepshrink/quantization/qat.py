@@ -17,6 +17,7 @@ from torch import nn
 from deepshrink.config import Config, check
 from deepshrink.models import record_edit
 from deepshrink.quantization.core import QuantSpec, validate_bits
+from deepshrink.quantization.fold import fold_batchnorm, fold_edit
 from deepshrink.quantization.modules import ActFakeQuant, FakeQuantLayer, QuantizedLayer, WeightFakeQuant
 from deepshrink.quantization.ptq import (
     bits_for,
@@ -41,6 +42,9 @@ class QATConfig(Config):
     layer_bits: dict[str, int] = dataclasses.field(default_factory=dict)  # name pattern -> bits
     skip: tuple[str, ...] = ()
     calib_batches: int = 4
+    # Fold BatchNorm into the convs first (needs calibration data to trace the model), so the
+    # exported model is what was trained: a BN left in would keep updating its statistics.
+    fold: bool = True
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -57,6 +61,10 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calibration_d
     ``calibration_data`` initialises activation ranges (required with ``lsq`` and ``act_bits``,
     whose learned scales must exist before the optimizer is built)."""
     cfg = config or QATConfig()
+    if cfg.fold and calibration_data is not None:
+        first = calibration_batches(calibration_data, 1)[0]
+        folded = fold_batchnorm(model, example_inputs=first)
+        record_edit(model, fold_edit(folded))
     acts: list[ActFakeQuant] = []
     for name, layer in quantizable_layers(model, cfg.skip):
         spec = QuantSpec(bits=bits_for(name, cfg.bits, cfg.layer_bits), symmetric=cfg.symmetric,
