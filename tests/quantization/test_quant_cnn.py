@@ -287,3 +287,20 @@ def test_packaged_imagenet_weights_load_and_fold():
     fold_batchnorm(model, example_inputs=x)
     with torch.no_grad():
         assert torch.allclose(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="needs the onnx extra")
+def test_speed_measurement_per_layer_and_end_to_end():
+    from deepshrink.quantization.speed import compare_onnx_speed, measure_conv_speed
+
+    model = _random_bn(create_model("resnet_small"))
+    x = torch.rand(4, 1, 28, 28)
+    fold_batchnorm(model, example_inputs=x)
+    plan = measure_conv_speed(model, example_inputs=x[:1], rounds=1, repeats=2)
+    assert [s.name for s in plan.layers] == [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert all(s.fp32_ms > 0 and s.int8_ms > 0 for s in plan.layers)
+    assert set(plan.keep_float) == {s.name for s in plan.layers if s.speedup < 1.0}
+    q = quantize(copy.deepcopy(model), PTQConfig(mode="static", calib_batches=1), x)
+    fp32, int8 = export_onnx(model, None, x[:1]), export_onnx(q, None, x[:1])
+    speed = compare_onnx_speed(fp32, int8, x, rounds=1, repeats=2)
+    assert speed.batch == 4 and speed.fp32_ms > 0 and speed.int8_ms > 0

@@ -25,7 +25,6 @@ the small form). Everything else (normalization, attention maths, pooling) stays
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -142,7 +141,7 @@ def _act_op(g: Any, y: Any, layer: QuantizedLayer) -> Any:
     if layer.act is None:
         return y
     lo, hi = layer.act
-    if lo == 0.0 and math.isinf(hi):
+    if lo == 0.0 and hi == float("inf"):
         return g.op("Relu", y)
     lo_t = g.op("Constant", value_t=torch.tensor(lo, dtype=torch.float32))
     hi_t = g.op("Constant", value_t=torch.tensor(hi, dtype=torch.float32))

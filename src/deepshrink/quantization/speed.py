@@ -11,9 +11,9 @@ speed vs fp32 is then measured end to end (``bench/quantization.py --only cnn``)
 from __future__ import annotations
 
 import dataclasses
-import re
 import statistics
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -43,8 +43,8 @@ class SpeedPlan:
     threads: int
 
     def patterns(self) -> tuple[str, ...]:
-        """Exact-name patterns for the layers to keep in float (valid as fnmatch and regex)."""
-        return tuple(re.escape(n) for n in self.keep_float)
+        """The layers to keep in float, as patterns for ``PTQConfig``'s layer selection."""
+        return tuple(self.keep_float)
 
     def table(self) -> str:
         rows = [f"{'layer':32s} {'input':>18s} {'groups':>6s} {'fp32 ms':>8s} {'int8 ms':>8s} {'x':>5s}"]
@@ -169,3 +169,45 @@ def measure_conv_speed(
         out.append(LayerSpeed(name, shape, conv.groups, statistics.median(tf), statistics.median(tq)))
     keep = [s.name for s in out if s.speedup < min_speedup]
     return SpeedPlan(out, keep, threads)
+
+
+@dataclasses.dataclass
+class ModelSpeed:
+    """End-to-end latency of an int8 ONNX model against its fp32 export (one interleaved run)."""
+
+    batch: int
+    fp32_ms: float
+    int8_ms: float
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_ms / self.int8_ms
+
+    @property
+    def slower(self) -> bool:
+        return self.speedup < 1.0
+
+
+def compare_onnx_speed(fp32: bytes, int8: bytes, inputs: torch.Tensor, *, threads: int = 1, rounds: int = 5,
+                       repeats: int = 10) -> ModelSpeed:
+    """Time the fp32 and int8 ONNX models on ``inputs``, interleaved; warns when int8 is slower
+    (so it never is without saying so)."""
+    sessions = [_session(d, threads) for d in (fp32, int8)]
+    name = sessions[0].get_inputs()[0].name
+    x = inputs.detach().float().contiguous().numpy()
+    feeds = {name: x}
+    times: list[list[float]] = [[], []]
+    for s in sessions:
+        s.run(None, feeds)
+    for _ in range(rounds):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                s.run(None, feeds)
+            times[i].append((time.perf_counter() - t0) * 1000 / repeats)
+    res = ModelSpeed(int(x.shape[0]), statistics.median(times[0]), statistics.median(times[1]), threads)
+    if res.slower:
+        warnings.warn(f"int8 model is slower than fp32 on this CPU at batch {res.batch}: "
+                      f"{res.int8_ms:.2f} ms vs {res.fp32_ms:.2f} ms", stacklevel=2)
+    return res
