@@ -118,11 +118,19 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
     fold_batchnorm(folded, example_inputs=calib[:2])
     export_onnx(folded, files["ONNX fp32"], test[:1])
     # Our configuration is chosen on the validation crops (never the test ones).
+    # Per-layer speed on this CPU first: convs where int8 does not pay stay float.
+    plan = measure_conv_speed(folded, example_inputs=test[:1], threads=threads, rounds=3, repeats=5)
+    keep = plan.patterns()
+    print(
+        f"  mobilenet_v2: {len(plan.layers)} convs timed alone; int8 does not pay for {list(keep)}",
+        flush=True,
+    )
     candidates = {
-        "plain": PTQConfig(mode="static", calib_batches=4),
-        "CLE": PTQConfig(mode="static", calib_batches=4, equalize=True),
+        "plain": PTQConfig(mode="static", calib_batches=4, skip=keep),
+        "bias correction": PTQConfig(mode="static", calib_batches=4, bias_correction=True, skip=keep),
+        "CLE": PTQConfig(mode="static", calib_batches=4, equalize=True, skip=keep),
         "CLE + bias correction": PTQConfig(
-            mode="static", calib_batches=4, equalize=True, bias_correction=True
+            mode="static", calib_batches=4, equalize=True, bias_correction=True, skip=keep
         ),
     }
     val_cos, models = {}, {}
@@ -135,7 +143,6 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
         print(f"  mobilenet_v2 ours {label:24s} val cosine {val_cos[label]:.4f}", flush=True)
     best = max(val_cos, key=val_cos.get)
     ours_s = time.perf_counter() - t0
-    plan = measure_conv_speed(folded, example_inputs=test[:1], threads=threads, rounds=3, repeats=5)
     files["ours int8"] = tmp / "mnv2-ours.onnx"
     export_onnx(models[best], files["ours int8"], test[:1])
     files["ORT quantize_static"] = tmp / "mnv2-ort-static.onnx"
@@ -151,19 +158,7 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
         "ours_val_cosine": val_cos,
         "ours_config": candidates[best].to_dict(),
         "ours_quantize_seconds": round(ours_s, 1),
-        "conv_speed": {
-            "keep_float": plan.keep_float,
-            "layers": [
-                {
-                    "name": s.name,
-                    "groups": s.groups,
-                    "shape": list(s.input_shape),
-                    "fp32_ms": round(s.fp32_ms, 4),
-                    "int8_ms": round(s.int8_ms, 4),
-                }
-                for s in plan.layers
-            ],
-        },
+        "conv_speed": _plan_json(plan),
         "variants": {},
     }
     for k, p in files.items():
@@ -178,6 +173,21 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
     for k, v in lat.items():
         res["variants"][k].update(v)
     return res
+
+
+def _plan_json(plan: Any) -> dict[str, Any]:
+    layers = [
+        {
+            "name": s.name,
+            "groups": s.groups,
+            "shape": list(s.input_shape),
+            "fp32_ms": round(s.fp32_ms, 4),
+            "int8_ms": round(s.int8_ms, 4),
+            "speedup": round(s.speedup, 2),
+        }
+        for s in plan.layers
+    ]
+    return {"keep_float": plan.keep_float, "threads": plan.threads, "layers": layers}
 
 
 def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
@@ -202,10 +212,13 @@ def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, An
     fold_batchnorm(folded, example_inputs=x_test[:2])
     export_onnx(folded, files["ONNX fp32"], x_test[:2])
     calib = data.train.tensors[0][:512]
+    plan = measure_conv_speed(folded, example_inputs=x_test[:1], threads=threads, rounds=3, repeats=10)
+    keep = plan.patterns()
     candidates = {
-        "plain": PTQConfig(mode="static", calib_batches=8),
+        "plain": PTQConfig(mode="static", calib_batches=8, skip=keep),
+        "bias correction": PTQConfig(mode="static", calib_batches=8, bias_correction=True, skip=keep),
         "CLE + bias correction": PTQConfig(
-            mode="static", calib_batches=8, equalize=True, bias_correction=True
+            mode="static", calib_batches=8, equalize=True, bias_correction=True, skip=keep
         ),
     }
     val_top1, models = {}, {}
@@ -222,6 +235,7 @@ def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, An
     runners = {k: OrtModel(p, threads=threads) for k, p in files.items()}
     base_top1 = evaluate(model, test)["top1"]
     res: dict[str, Any] = {
+        "conv_speed": _plan_json(plan),
         "train_config": tcfg.to_dict(),
         "train_seconds": round(train_s, 1),
         "torch_fp32_top1": base_top1,

@@ -157,7 +157,7 @@ def finish(
             c.in_scale, c.in_zero = p.out_scale.clone(), p.out_zero.clone()
             applied[consumer] = producer
     if prep.means:
-        correct_biases(model, prep.means, float_weights, batches)
+        correct_biases(model, prep.means, float_weights)
     quantized = {n: a for n, a in prep.activations.items() if hasattr(modules.get(n), "dense_weight")}
     absorb_activations(model, quantized)
     return applied
