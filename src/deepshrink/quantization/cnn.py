@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from deepshrink import modeling
+from deepshrink.models.schema import NAME_RE, List, Obj, Str
 from deepshrink.quantization.equalize import EqualizeResult, correct_biases, equalize, input_means
 from deepshrink.quantization.fold import ActInfo, FoldResult, absorb_activations, fold_batchnorm
 
@@ -113,6 +114,10 @@ def link_chains(
         if producer and producer != consumer and all(_contains(c, clamps.get(producer)) for c in path):
             links[consumer] = producer
     return links
+
+
+_NAMES = List(Str(pattern=NAME_RE), max_len=1 << 14)
+EDIT_SCHEMA = Obj({}, optional={"identity": _NAMES, "relu": _NAMES})
 
 
 def replay(model: nn.Module, edit: dict[str, Any]) -> None:

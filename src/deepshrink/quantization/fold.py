@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from deepshrink import modeling
 from deepshrink.models import register_edit
+from deepshrink.models.schema import NAME_RE, List, Obj, Str
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -285,7 +286,10 @@ def absorb_activations(model: nn.Module, activations: dict[str, ActInfo]) -> Non
             modeling.set_submodule(model, info.module, nn.Identity())
 
 
-@register_edit("fold")
+_NAMES = List(Str(pattern=NAME_RE), max_len=1 << 14)
+
+
+@register_edit("fold", schema=Obj({"identity": _NAMES, "bias": _NAMES}))
 def _replay_fold(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """A rebuilt model repeats the folding's structure: folded BNs become Identity and the convs
     before them get a bias (its values come from the file)."""
@@ -293,7 +297,7 @@ def _replay_fold(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
         modeling.set_submodule(model, name, nn.Identity())
     for name in edit.get("bias", []):
         layer = model.get_submodule(name)
-        if getattr(layer, "bias", None) is None:
+        if isinstance(layer, FOLDABLE) and layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
     return model
 

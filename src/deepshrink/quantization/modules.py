@@ -255,7 +255,8 @@ class QuantizedLayer(nn.Module):
         self.act_bits = int(meta.get("act_bits", 8))
         # An absorbed activation (ReLU / ReLU6 / clip after a folded BN), as a clamp range.
         act = meta.get("act")
-        self.act: tuple[float, float] | None = (float(act["lo"]), float(act["hi"])) if act else None
+        self.act: tuple[float, float] | None = (
+            (float(act["lo"]), float(act.get("hi", math.inf))) if act else None)  # no "hi": ReLU
         n = math.prod(self.shape)
         rows = to_rows(torch.empty(self.shape), self.spec).shape[0]
         self.register_buffer("packed", torch.zeros(packed_nbytes(self._rows_numel(n), self.spec.bits),
@@ -298,7 +299,8 @@ class QuantizedLayer(nn.Module):
                                 "conv": _conv_args(layer), "act_bits": act.bits if act else 8,
                                 "out_q": out is not None}
         if activation is not None:
-            meta["act"] = {"lo": float(activation[0]), "hi": float(activation[1])}
+            lo, hi = activation
+            meta["act"] = {"lo": float(lo)} if math.isinf(hi) else {"lo": float(lo), "hi": float(hi)}
         self = cls(meta)
         rows = to_rows(w, spec)
         if weight_q is not None:
