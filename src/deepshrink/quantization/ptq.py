@@ -29,7 +29,7 @@ from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.errors import DataError
 from deepshrink.models import record_edit, register_edit
-from deepshrink.models.schema import CONV_ARGS, NAME_RE, Bool, Float, Int, List, Map, Obj, Str
+from deepshrink.models.schema import CONV_ARGS, Bool, Float, Int, List, Map, Obj, Str
 from deepshrink.quantization import cnn
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
 from deepshrink.quantization.modules import (
@@ -251,7 +251,9 @@ _QSPEC = Obj({}, optional={"type": Str(choices=("QuantSpec",)), "bits": Int(1, 8
 QUANTIZE_SCHEMA = Obj({"layers": Map(Obj(
     {"kind": Str(choices=("linear", "conv1d", "conv2d", "embedding")), "mode": Str(choices=MODES),
      "spec": _QSPEC, "shape": List(Int(0, 1 << 31), min_len=1, max_len=5)},
-    optional={"bias": Bool(), "conv": CONV_ARGS, "act_bits": Int(1, 16), "out_q": Bool()}))})
+    optional={"bias": Bool(), "conv": CONV_ARGS, "act_bits": Int(1, 16), "out_q": Bool(),
+              "act": Obj({"lo": Float()}, optional={"hi": Float()})}))},
+    optional={"cnn": cnn.EDIT_SCHEMA})
 
 
 @register_edit("quantize", schema=QUANTIZE_SCHEMA)
