@@ -124,7 +124,7 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
     # (per tensor; cosine 0.84 measured), so the plan is reported, not used.
     extra: dict[str, Any] = {}
     print(
-        f"  mobilenet_v2: {len(plan.layers)} convs timed alone; int8 does not pay for {list(keep)}",
+        f"  mobilenet_v2: {len(plan.layers)} convs timed alone; int8 does not pay for {plan.keep_float}",
         flush=True,
     )
     candidates = {
