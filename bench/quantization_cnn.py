@@ -128,7 +128,6 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
         flush=True,
     )
     candidates = {
-        "plain": PTQConfig(mode="static", calib_batches=8, **extra),
         "bias correction": PTQConfig(mode="static", calib_batches=8, bias_correction=True, **extra),
         "CLE + bias correction": PTQConfig(
             mode="static", calib_batches=8, equalize=True, bias_correction=True, **extra
@@ -195,7 +194,7 @@ def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, An
     torch.manual_seed(0)
     model = create_model("resnet_small")
     tcfg = TrainConfig(
-        epochs=1 if quick else 3,
+        epochs=1 if quick else 2,
         batch_size=128,
         lr=2e-3,
         progress=False,
