@@ -8,6 +8,8 @@
 """
 
 from deepshrink.quantization.core import QTensor, QuantSpec, dequantize, qparams, qrange, quantize_tensor
+from deepshrink.quantization.equalize import EqualizeResult, equalize
+from deepshrink.quantization.fold import FoldResult, fold_batchnorm
 from deepshrink.quantization.modules import (
     ActFakeQuant,
     FakeQuantLayer,
@@ -25,12 +27,16 @@ from deepshrink.quantization.onnx_export import export_onnx
 from deepshrink.quantization.ort import OrtModel
 from deepshrink.quantization.ptq import PTQConfig, quantize, quantized_layers, weight_bytes
 from deepshrink.quantization.qat import QATConfig, convert, prepare_qat
+from deepshrink.quantization.speed import ModelSpeed, SpeedPlan, compare_onnx_speed, measure_conv_speed
 
 __all__ = [
     "ActFakeQuant",
+    "EqualizeResult",
     "FakeQuantLayer",
+    "FoldResult",
     "MSEObserver",
     "MinMaxObserver",
+    "ModelSpeed",
     "MovingAverageObserver",
     "OrtModel",
     "PTQConfig",
@@ -39,10 +45,15 @@ __all__ = [
     "QTensor",
     "QuantSpec",
     "QuantizedLayer",
+    "SpeedPlan",
     "WeightFakeQuant",
+    "compare_onnx_speed",
     "convert",
     "dequantize",
+    "equalize",
     "export_onnx",
+    "fold_batchnorm",
+    "measure_conv_speed",
     "prepare_qat",
     "qparams",
     "qrange",
