@@ -128,15 +128,15 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
         flush=True,
     )
     candidates = {
-        "bias correction": PTQConfig(mode="static", calib_batches=8, bias_correction=True, **extra),
+        "bias correction": PTQConfig(mode="static", calibration_batches=8, bias_correction=True, **extra),
         "CLE + bias correction": PTQConfig(
-            mode="static", calib_batches=8, equalize=True, bias_correction=True, **extra
+            mode="static", calibration_batches=8, equalize=True, bias_correction=True, **extra
         ),
     }
     val_cos, models = {}, {}
     t0 = time.perf_counter()
     for label, cfg in candidates.items():
-        q = quantize(copy.deepcopy(model), cfg, calib.split(8))
+        q = quantize(copy.deepcopy(model), cfg, calibration=list(calib.split(8)))
         with torch.no_grad():
             val_cos[label] = cosine(q(val), ref_val)
         models[label] = q
@@ -215,15 +215,15 @@ def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, An
     plan = measure_conv_speed(folded, example_inputs=x_test[:1], threads=threads, rounds=3, repeats=10)
     extra: dict[str, Any] = {}
     candidates = {
-        "plain": PTQConfig(mode="static", calib_batches=8, **extra),
-        "bias correction": PTQConfig(mode="static", calib_batches=8, bias_correction=True, **extra),
+        "plain": PTQConfig(mode="static", calibration_batches=8, **extra),
+        "bias correction": PTQConfig(mode="static", calibration_batches=8, bias_correction=True, **extra),
         "CLE + bias correction": PTQConfig(
-            mode="static", calib_batches=8, equalize=True, bias_correction=True, **extra
+            mode="static", calibration_batches=8, equalize=True, bias_correction=True, **extra
         ),
     }
     val_top1, models = {}, {}
     for label, cfg in candidates.items():
-        models[label] = quantize(copy.deepcopy(model), cfg, calib)
+        models[label] = quantize(copy.deepcopy(model), cfg, calibration=calib)
         val_top1[label] = evaluate(models[label], val)["top1"]
     best = max(val_top1, key=val_top1.get)
     files["ours int8"] = tmp / "rs-ours.onnx"

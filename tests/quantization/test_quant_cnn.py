@@ -208,7 +208,9 @@ def test_no_float_conv_in_ort_optimized_graph(name):
     model = _random_bn(model)
     x = torch.rand(shape)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    q = quantize(copy.deepcopy(model), PTQConfig(mode="static", calib_batches=2), x.split(4))
+    q = quantize(
+        copy.deepcopy(model), PTQConfig(mode="static", calibration_batches=2), calibration=list(x.split(4))
+    )
     data = export_onnx(q, None, x[:1])
     graph = optimized_graph(data)
     assert float_convs(graph) == []
@@ -233,7 +235,9 @@ def test_quantized_cnn_saves_and_reloads(tmp_path):
     model = _random_bn(create_model("resnet_small"))
     x = torch.rand(8, 1, 28, 28)
     q = quantize(
-        model, PTQConfig(mode="static", calib_batches=2, equalize=True, bias_correction=True), x.split(4)
+        model,
+        PTQConfig(mode="static", calibration_batches=2, equalize=True, bias_correction=True),
+        calibration=list(x.split(4)),
     )
     path = tmp_path / "rs.safetensors"
     save(q, path)
@@ -245,7 +249,7 @@ def test_quantized_cnn_saves_and_reloads(tmp_path):
 def test_qat_folds_batchnorm_and_reloads(tmp_path):
     model = _random_bn(create_model("resnet_small"))
     x = torch.rand(8, 1, 28, 28)
-    prepare_qat(model, QATConfig(bits=8, act_bits=8), x.split(4))
+    prepare_qat(model, QATConfig(bits=8, act_bits=8), calibration=list(x.split(4)))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     convert(model)
     path = tmp_path / "qat.safetensors"
@@ -300,7 +304,7 @@ def test_speed_measurement_per_layer_and_end_to_end():
     assert [s.name for s in plan.layers] == [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert all(s.fp32_ms > 0 and s.int8_ms > 0 for s in plan.layers)
     assert set(plan.keep_float) == {s.name for s in plan.layers if s.speedup < 1.0}
-    q = quantize(copy.deepcopy(model), PTQConfig(mode="static", calib_batches=1), x)
+    q = quantize(copy.deepcopy(model), PTQConfig(mode="static", calibration_batches=1), calibration=x)
     fp32, int8 = export_onnx(model, None, x[:1]), export_onnx(q, None, x[:1])
     speed = compare_onnx_speed(fp32, int8, x, rounds=1, repeats=2)
     assert speed.batch == 4 and speed.fp32_ms > 0 and speed.int8_ms > 0

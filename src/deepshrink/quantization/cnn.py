@@ -39,11 +39,12 @@ class CnnPrep:
     def clamps(self) -> dict[str, Clamp]:
         return {n: (a.lo, a.hi) for n, a in self.activations.items()}
 
-    def edit(self, quantized: set[str]) -> dict[str, list[str]]:
+    def edit(self, quantized: set[str], absorbed: bool = True) -> dict[str, list[str]]:
         """What a rebuilt model must repeat before loading: modules that became Identity
         (folded BatchNorms, absorbed activations) and ReLU6 turned into ReLU by equalization."""
         gone = list(self.fold.folded.values())
-        gone += [a.module for n, a in self.activations.items() if n in quantized and not a.shared]
+        if absorbed:
+            gone += [a.module for n, a in self.activations.items() if n in quantized and not a.shared]
         relu = self.equalized.relu6_replaced if self.equalized else []
         return {"identity": sorted(set(gone)), "relu": sorted(set(relu) - set(gone))}
 
@@ -146,7 +147,8 @@ def finish(
     prep: CnnPrep,
     float_weights: dict[str, torch.Tensor],
     links: dict[str, str],
-    batches: list[Any],
+    *,
+    absorb: bool = True,
 ) -> dict[str, str]:
     """After the layers are quantized: share linked activation parameters, correct biases,
     absorb activations. Returns the links actually applied."""
@@ -164,5 +166,6 @@ def finish(
     if prep.means:
         correct_biases(model, prep.means, float_weights)
     quantized = {n: a for n, a in prep.activations.items() if hasattr(modules.get(n), "dense_weight")}
-    absorb_activations(model, quantized)
+    if absorb:  # (not when layers may go back to float later: the activation must then stay)
+        absorb_activations(model, quantized)
     return applied
