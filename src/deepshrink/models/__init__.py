@@ -2,6 +2,7 @@
 validated path that rebuilds a model from a file's spec (:mod:`deepshrink.models.spec`)."""
 
 from deepshrink.models import hf as hf  # registers "hf"
+from deepshrink.models import mobilenet as mobilenet  # registers "mobilenet_v2"
 from deepshrink.models import reference as reference  # registers the reference models
 from deepshrink.models.registry import (
     ModelSpec,

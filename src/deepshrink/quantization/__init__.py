@@ -18,6 +18,8 @@ from deepshrink.quantization.core import (
     quantize_affine,
     quantize_tensor,
 )
+from deepshrink.quantization.equalize import EqualizeResult, equalize
+from deepshrink.quantization.fold import FoldResult, fold_batchnorm
 from deepshrink.quantization.modules import (
     ActFakeQuant,
     FakeQuantLayer,
@@ -42,12 +44,16 @@ from deepshrink.quantization.ptq import (
     weight_bytes,
 )
 from deepshrink.quantization.qat import QATConfig, convert, prepare_qat
+from deepshrink.quantization.speed import ModelSpeed, SpeedPlan, compare_onnx_speed, measure_conv_speed
 
 __all__ = [
     "ActFakeQuant",
+    "EqualizeResult",
     "FakeQuantLayer",
+    "FoldResult",
     "MSEObserver",
     "MinMaxObserver",
+    "ModelSpeed",
     "MovingAverageObserver",
     "OrtModel",
     "PTQConfig",
@@ -57,10 +63,15 @@ __all__ = [
     "QTensor",
     "QuantSpec",
     "QuantizedLayer",
+    "SpeedPlan",
     "WeightFakeQuant",
+    "compare_onnx_speed",
     "convert",
     "dequantize_affine",
+    "equalize",
     "export_onnx",
+    "fold_batchnorm",
+    "measure_conv_speed",
     "prepare_qat",
     "qparams",
     "qrange",

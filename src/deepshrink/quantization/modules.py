@@ -255,6 +255,12 @@ def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
+def clamp_act(y: torch.Tensor, act: tuple[float, float]) -> torch.Tensor:
+    """An absorbed ReLU (hi = inf), ReLU6 or clip."""
+    lo, hi = act
+    return torch.clamp_min(y, lo) if math.isinf(hi) else torch.clamp(y, lo, hi)
+
+
 def token_scales(x: torch.Tensor) -> torch.Tensor:
     """Per-token (last axis reduced) symmetric int8 scales: max|x| / 127, shape (..., 1)."""
     return torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-8) / 127.0
@@ -294,6 +300,10 @@ class QuantizedLayer(nn.Module):
         self.shape = tuple(meta["shape"])
         self.conv = meta.get("conv", {})
         self.act_bits = int(meta.get("act_bits", 8))
+        # An absorbed activation (ReLU / ReLU6 / clip after a folded BN), as a clamp range.
+        act = meta.get("act")
+        self.act: tuple[float, float] | None = (
+            (float(act["lo"]), float(act.get("hi", math.inf))) if act else None)  # no "hi": ReLU
         n = math.prod(self.shape)
         rows = to_rows(torch.empty(self.shape), self.spec).shape[0]
         self.register_buffer("packed", torch.zeros(packed_nbytes(self._rows_numel(n), self.spec.bits),
@@ -331,12 +341,14 @@ class QuantizedLayer(nn.Module):
     def from_float(cls, layer: nn.Module, spec: QuantSpec, mode: str, *, method: str = "mse",
                    act: ActFakeQuant | None = None, out: ActFakeQuant | None = None,
                    weight_q: WeightFakeQuant | None = None, act_granularity: str = "tensor",
-                   smooth: torch.Tensor | None = None) -> QuantizedLayer:
+                   smooth: torch.Tensor | None = None,
+                   activation: tuple[float, float] | None = None) -> QuantizedLayer:
         """Quantize a float layer. ``weight_q`` (from QAT) fixes the scales; else ``method``
         estimates the clipping range. ``act`` / ``out`` carry calibrated activation params.
         ``smooth`` (linear only): SmoothQuant factors s per input channel, kept in the layer
         (weights times s, inputs divided by s). ``act_granularity="token"``: dynamic linears
-        quantize each token (row of the input) with its own int8 scale."""
+        quantize each token (row of the input) with its own int8 scale. ``activation`` is the
+        (lo, hi) clamp of a following ReLU / ReLU6 the layer absorbs."""
         kind = _layer_kind(layer)
         w = float_weight(layer)
         if smooth is not None:
@@ -347,6 +359,9 @@ class QuantizedLayer(nn.Module):
                                 "shape": list(w.shape), "bias": getattr(layer, "bias", None) is not None,
                                 "conv": _conv_args(layer), "act_bits": act.bits if act else 8,
                                 "out_q": out is not None}
+        if activation is not None:
+            lo, hi = activation
+            meta["act"] = {"lo": float(lo)} if math.isinf(hi) else {"lo": float(lo), "hi": float(hi)}
         if is_hf_conv1d(layer):
             meta["transposed"] = True  # the original layer stored (in, out): keep that view
         if kind == "linear" and mode == "dynamic" and act_granularity != "tensor":
@@ -507,10 +522,25 @@ class QuantizedLayer(nn.Module):
             x = act_fake_quant(x, self.in_scale, self.in_zero, self.act_bits)
         elif self.mode == "dynamic":
             x = token_fake_quant(x) if self.act_granularity == "token" else dynamic_fake_quant(x)
-        y = apply_layer(self.kind, x, self.dense_weight().to(x.dtype), self.bias, self.conv)
+        y = apply_layer(self.kind, x, self.dense_weight().to(x.dtype), self.grid_bias(), self.conv)
+        if self.act is not None:
+            y = clamp_act(y, self.act)
         if self.mode == "static" and self.meta.get("out_q"):
             y = act_fake_quant(y, self.out_scale, self.out_zero, self.act_bits)
         return y
+
+    def bias_scale(self) -> torch.Tensor:
+        """Scale of the int32 bias of a static conv: input scale x weight scale, per channel."""
+        return (self.in_scale * self.scale).reshape(-1).expand(self.shape[0])
+
+    def grid_bias(self) -> torch.Tensor | None:
+        """The bias as it runs: a static conv's bias is stored as int32 on the grid of
+        (input scale x weight scale), which ONNX Runtime's QLinearConv requires."""
+        if (self.bias is None or self.mode != "static" or self.kind in ("linear", "embedding")
+                or self.spec.granularity == "group"):
+            return self.bias
+        s = self.bias_scale()
+        return torch.round(self.bias / s).clamp(-(2**31) + 1, 2**31 - 1) * s
 
     def extra_repr(self) -> str:
         dyn = self.mode == "dynamic" and self.kind == "linear"

@@ -45,6 +45,7 @@ from deepshrink.quantization.modules import (
     QuantizedLayer,
     act_fake_quant,
     apply_layer,
+    clamp_act,
     dynamic_fake_quant,
     token_fake_quant,
 )
@@ -95,14 +96,18 @@ class _QLayerFn(torch.autograd.Function):
         else:
             view = (-1,) + (1,) * (t["wq"].dim() - 1)
             w = (t["wq"].float() - t["wz"].float().reshape(view)) * t["ws"].reshape(view)
-        y = apply_layer(layer.kind, x, w, t["b"], layer.conv)
+        y = apply_layer(layer.kind, x, w, t["b"] if t["bq"].numel() == 0 else t["bq"].float() * t["bs"],
+                        layer.conv)
+        if layer.act is not None:
+            y = clamp_act(y, layer.act)
         if layer.mode == "static" and layer.meta.get("out_q"):
             y = act_fake_quant(y, t["o_s"], t["o_z"].float(), 8)
         return y
 
     @staticmethod
     def symbolic(g: Any, x: Any, key: int, wq: Any, ws: Any, wz: Any, b: Any,
-                 a_s: Any, a_z: Any, o_s: Any, o_z: Any, ws_r: Any, b_r: Any, sm: Any) -> Any:
+                 a_s: Any, a_z: Any, o_s: Any, o_z: Any, ws_r: Any, b_r: Any, sm: Any, bq: Any, bs: Any,
+                 bz: Any) -> Any:
         layer = _EXPORTING[key]
         mode = layer.mode
         if layer.in_mul is not None:  # SmoothQuant factors kept in the layer
@@ -117,12 +122,12 @@ class _QLayerFn(torch.autograd.Function):
             if mode == "static":
                 xq = g.op("QuantizeLinear", x, a_s, a_z)
                 y = g.op("com.microsoft::MatMulIntegerToFloat", xq, wq, a_s, ws, a_z, wz, b)
-                return _typed(y, x, layer.shape[0])
+                return _act_op(g, _typed(y, x, layer.shape[0]), layer)
             if mode == "dynamic":
                 y = g.op("com.microsoft::DynamicQuantizeMatMul", x, wq, ws, wz, b)
-                return _typed(y, x, layer.shape[0])
+                return _act_op(g, _typed(y, x, layer.shape[0]), layer)
             wd = g.op("DequantizeLinear", wq, ws, wz, axis_i=1)
-            return g.op("Add", g.op("MatMul", x, wd), b)
+            return _act_op(g, g.op("Add", g.op("MatMul", x, wd), b), layer)
         c = layer.conv
         attrs = {"strides_i": c["stride"], "pads_i": list(c["padding"]) * 2,
                  "dilations_i": c["dilation"], "group_i": c["groups"]}
@@ -130,14 +135,31 @@ class _QLayerFn(torch.autograd.Function):
             xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
             yi = g.op("ConvInteger", xq, wq, xz, wz, **attrs)
             y = g.op("Mul", g.op("Cast", yi, to_i=1), g.op("Mul", xs, ws_r))  # to_i=1: FLOAT
-            return g.op("Add", y, b_r)
+            return _act_op(g, g.op("Add", y, b_r), layer)
         wd = g.op("DequantizeLinear", wq, ws, wz, axis_i=0)
         if mode == "static":
             x = g.op("DequantizeLinear", g.op("QuantizeLinear", x, a_s, a_z), a_s, a_z)
-        y = g.op("Conv", x, wd, b, **attrs)
+            # QLinearConv takes an int32 bias on the (input x weight) scale grid: exported as
+            # DequantizeLinear of int32 so that ONNX Runtime's QDQ fusion recognises the pattern.
+            b = g.op("DequantizeLinear", bq, bs, bz, axis_i=0)
+        # Conv -> Relu/Clip -> QuantizeLinear: ORT drops the activation into the output range
+        # and fuses the rest into one QLinearConv.
+        y = _act_op(g, g.op("Conv", x, wd, b, **attrs), layer)
         if mode == "static" and layer.meta.get("out_q"):
             y = g.op("DequantizeLinear", g.op("QuantizeLinear", y, o_s, o_z), o_s, o_z)
         return y
+
+
+def _act_op(g: Any, y: Any, layer: QuantizedLayer) -> Any:
+    """The absorbed activation: Relu for [0, inf), else Clip."""
+    if layer.act is None:
+        return y
+    lo, hi = layer.act
+    if lo == 0.0 and hi == float("inf"):
+        return g.op("Relu", y)
+    lo_t = g.op("Constant", value_t=torch.tensor(lo, dtype=torch.float32))
+    hi_t = g.op("Constant", value_t=torch.tensor(hi, dtype=torch.float32))
+    return g.op("Clip", y, lo_t, hi_t)
 
 
 # Layers fed the same tensor (query / key / value) share one smoothing Mul and one per-token
@@ -190,7 +212,7 @@ def _u8(z: torch.Tensor) -> torch.Tensor:
     return z.round().clamp(0, 255).to(torch.uint8).reshape(())
 
 
-_ARGS = ("wq", "ws", "wz", "b", "a_s", "a_z", "o_s", "o_z", "ws_r", "b_r", "sm")
+_ARGS = ("wq", "ws", "wz", "b", "a_s", "a_z", "o_s", "o_z", "ws_r", "b_r", "sm", "bq", "bs", "bz")
 
 
 def _export_tensors(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
@@ -215,7 +237,12 @@ def _export_tensors(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
         if bool((wz != 0).any()):
             raise ModelError("embedding export needs symmetric weights (zero point 0)")
         bshape = (out_ch, 1)  # one scale per row (token)
-    return {"wq": wq, "ws": ws, "wz": wz, "b": b,
+    bq = bs = bz = torch.zeros(0)
+    if static and layer.kind in ("conv1d", "conv2d"):
+        bs = layer.bias_scale().clone()
+        bq = torch.round(b / bs).clamp(-(2**31) + 1, 2**31 - 1).to(torch.int32)
+        bz = torch.zeros(out_ch, dtype=torch.int32)
+    return {"bq": bq, "bs": bs, "bz": bz, "wq": wq, "ws": ws, "wz": wz, "b": b,
             "a_s": layer.in_scale.reshape(()).clone() if static else one,
             "a_z": _u8(layer.in_zero) if static else zero,
             "o_s": layer.out_scale.reshape(()).clone() if has_out else one,
@@ -286,6 +313,10 @@ def export_onnx(model: nn.Module, path: str | Path | None,
             for k in _ARGS:
                 delattr(layer, f"onnx_{k}")
     data = buf.getvalue()
+    if any(m.mode == "static" and m.meta.get("out_q") for m in layers):
+        from deepshrink.quantization.ort_graph import collapse_qdq_pairs
+
+        data = collapse_qdq_pairs(data)  # chained convs: drop the exact DQ -> Q repeats
     if path is not None:
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)

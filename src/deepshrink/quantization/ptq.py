@@ -28,13 +28,15 @@ from deepshrink.config import Config, check
 from deepshrink.errors import DataError
 from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, output_tensor, set_submodule
 from deepshrink.models import record_edit, register_edit
-from deepshrink.models.schema import CONV_ARGS, Bool, Int, List, Map, Obj, Str
+from deepshrink.models.schema import CONV_ARGS, Bool, Float, Int, List, Map, Obj, Str
+from deepshrink.quantization import cnn
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
 from deepshrink.quantization.modules import (
     ACT_GRANULARITIES,
     MODES,
     ActFakeQuant,
     QuantizedLayer,
+    clamp_act,
     float_weight,
     is_hf_conv1d,
     is_quantizable,
@@ -93,6 +95,10 @@ class PTQConfig(Config):
     candidate_bits: tuple[int, ...] = (2, 4, 8)
     embedding_bits: int | None = 8  # nn.Embedding tables (weight-only, per row); None: never
     embedding_share: float = 0.1  # ...only when embeddings hold at least this share of parameters
+    # CNNs (static mode; see quantization/cnn.py): fold BatchNorm and absorb the following
+    # ReLU/ReLU6 so ONNX Runtime fuses QLinearConv; cross-layer equalization (Nagel et al.).
+    fold: bool = True
+    equalize: bool = False
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -170,11 +176,12 @@ def need_batches(calibration: Any, n: int, why: str) -> list[Inputs]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Inputs],
-              cfg: PTQConfig, smooth: dict[str, torch.Tensor] | None = None
+              cfg: PTQConfig, smooth: dict[str, torch.Tensor] | None = None,
+              clamps: dict[str, tuple[float, float]] | None = None
               ) -> dict[str, tuple[ActFakeQuant, ActFakeQuant | None]]:
     """Observe each layer's input (divided by its smoothing factors, if any) and conv output
     over the batches; return frozen quantizers."""
-    smooth = smooth or {}
+    smooth, clamps = smooth or {}, clamps or {}
     obs: dict[str, tuple[ActFakeQuant, ActFakeQuant | None]] = {}
     hooks = []
     for name, layer in layers:
@@ -187,8 +194,10 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
             lambda m, args, q=a_in, inv=inv: q.observer.update(
                 args[0].detach() if inv is None else args[0].detach() * inv)))
         if a_out is not None:
+            c = clamps.get(name)  # an absorbed activation: observe what the layer will output
             hooks.append(layer.register_forward_hook(
-                lambda m, args, y, q=a_out: q.observer.update(y.detach())))
+                lambda m, args, y, q=a_out, c=c: q.observer.update(clamp_act(y.detach(), c) if c
+                                                                   else y.detach())))
         obs[name] = (a_in, a_out)
     try:
         with eval_mode(model):
@@ -242,10 +251,18 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
         calibration = [example_inputs]
     layers = quantizable_layers(model, cfg.ignore)
     batches = _batches(cfg, calibration)
+    prep = None
+    if cfg.mode == "static" and cfg.fold and batches:
+        # fold BN, equalize: the conv modules change in place, so `layers` stays valid
+        prep = cnn.prepare(model, batches, equalize_weights=cfg.equalize,
+                           bias_correction=cfg.bias_correction, names=[n for n, _ in layers])
+    clamps = prep.clamps() if prep else {}
     layer_bits = _layer_bits(model, layers, batches, cfg)
     refs = _reference_outputs(model, batches) if cfg.target_cosine is not None else None
     smooth, where, stats = _smooth(model, layers, batches, cfg)
-    acts = calibrate(model, layers, batches or [], cfg, smooth) if cfg.mode == "static" else {}
+    acts = calibrate(model, layers, batches or [], cfg, smooth, clamps) if cfg.mode == "static" else {}
+    links = cnn.link_chains(model, layers, batches[0], clamps) if prep and batches else {}
+    float_weights = {n: m.weight.detach().clone() for n, m in layers} if prep else {}
     floats = dict(layers)
     granularity = _act_granularity(layers, stats, smooth, cfg)
     for name, layer in layers:
@@ -253,12 +270,14 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
         a_in, a_out = acts.get(name, (None, None))
         q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out,
                                       act_granularity=granularity.get(name, "tensor"),
-                                      smooth=smooth.get(name))
-        if cfg.bias_correction and name in stats and q.bias is not None:
+                                      smooth=smooth.get(name), activation=clamps.get(name))
+        if cfg.bias_correction and prep is None and name in stats and q.bias is not None:
             s = smooth.get(name, torch.ones(1))
             q.bias.data.copy_(bias_correction(layer, q.dense_weight(), stats[name].mean / s, s))
             q.reset_cache()
         set_submodule(model, name, q)
+    if prep:  # shared chain parameters, bias correction (CNN path), absorbed activations
+        cnn.finish(model, prep, float_weights, links, absorb=cfg.target_cosine is None)
     embeddings = _quantize_embeddings(model, cfg)
     res = PTQResult(model, [n for n, _ in layers], [], where, embeddings,
                     per_token=[n for n, g in granularity.items() if g == "token"])
@@ -270,7 +289,10 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
             model, floats, batches, refs, cfg.target_cosine)
         res.quantized = [n for n in res.quantized if n not in res.kept_float]
     metas = {n: m.meta for n, m in quantized_layers(model).items()}
-    record_edit(model, {"kind": "quantize", "layers": metas})
+    edit: dict[str, Any] = {"kind": "quantize", "layers": metas}
+    if prep:
+        edit["cnn"] = prep.edit(set(metas), absorbed=cfg.target_cosine is None)
+    record_edit(model, edit)
     return res
 
 
@@ -367,12 +389,15 @@ QUANTIZE_SCHEMA = Obj({"layers": Map(Obj(
     {"kind": Str(choices=("linear", "conv1d", "conv2d", "embedding")), "mode": Str(choices=MODES),
      "spec": _QSPEC, "shape": List(Int(0, 1 << 31), min_len=1, max_len=5)},
     optional={"bias": Bool(), "conv": CONV_ARGS, "act_bits": Int(1, 16), "out_q": Bool(),
-              "smooth": Bool(), "transposed": Bool(), "act_granularity": Str(choices=ACT_GRANULARITIES)}))})
+              "smooth": Bool(), "transposed": Bool(), "act_granularity": Str(choices=ACT_GRANULARITIES),
+              "act": Obj({"lo": Float()}, optional={"hi": Float()})}))},
+    optional={"cnn": cnn.EDIT_SCHEMA})
 
 
 @register_edit("quantize", schema=QUANTIZE_SCHEMA)
 def _replay_quantize(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild empty quantized layers of the recorded shapes; the file fills their buffers."""
+    cnn.replay(model, edit.get("cnn", {}))
     for name, meta in edit["layers"].items():
         set_submodule(model, name, QuantizedLayer(meta))
     return model

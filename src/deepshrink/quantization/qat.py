@@ -19,6 +19,7 @@ from deepshrink.config import Config, check
 from deepshrink.modeling import call, eval_mode, set_submodule
 from deepshrink.models import record_edit
 from deepshrink.quantization.core import QuantSpec, validate_bits
+from deepshrink.quantization.fold import fold_batchnorm, fold_edit
 from deepshrink.quantization.modules import (
     ActFakeQuant,
     FakeQuantLayer,
@@ -42,6 +43,9 @@ class QATConfig(Config):
     overrides: dict[str, int] = dataclasses.field(default_factory=dict)  # name regex -> weight bits
     ignore: tuple[str, ...] = ()  # name regexes (full match) left in float
     calibration_batches: int = 4
+    # Fold BatchNorm into the convs first (needs calibration data to trace the model), so the
+    # exported model is what was trained: a BN left in would keep updating its statistics.
+    fold: bool = True
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -63,6 +67,9 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, *, example_in
     cfg = config or QATConfig()
     if calibration is None and example_inputs is not None:
         calibration = [example_inputs]
+    if cfg.fold and calibration is not None:
+        first = need_batches(calibration, 1, "BatchNorm folding")[0]
+        record_edit(model, fold_edit(fold_batchnorm(model, example_inputs=first)))
     acts: list[ActFakeQuant] = []
     for name, layer in quantizable_layers(model, cfg.ignore):
         spec = QuantSpec(bits=bits_for(name, cfg.bits, cfg.overrides), symmetric=cfg.symmetric,
