@@ -24,7 +24,9 @@ Parts (each writes its section of bench/results/redesign.json; run all, or some 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,9 +37,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results
 from deepshrink import load, save
-from deepshrink.data import load_fashion_mnist
-from deepshrink.measure import count_macs, count_params, file_bytes
+from deepshrink.data import load_digits, load_fashion_mnist
+from deepshrink.distill import KDConfig
+from deepshrink.measure import compare_latency, count_macs, count_params, file_bytes
 from deepshrink.models import create_model
+from deepshrink.redesign import (
+    LowRankConfig,
+    SeparableConfig,
+    factorize_report,
+    recover,
+    separate_report,
+)
+from deepshrink.redesign import common as rd_common
+from deepshrink.redesign import lowrank as rd_lowrank
 from deepshrink.train import TrainConfig, evaluate, train
 
 CNN = "vgg_small"
@@ -70,7 +82,193 @@ def cnn_baseline(args: argparse.Namespace) -> dict[str, Any]:
             "checkpoint": f"bench/results/{path.name}", "bytes": file_bytes(path)}
 
 
-PARTS = {"cnn-baseline": cnn_baseline}
+LENET_BUDGETS = (0.5, 0.33, 0.25, 0.2, 0.15, 0.1)
+LENET_FT = TrainConfig(epochs=3, batch_size=128, lr=5e-4, keep_best=True, seed=0, progress=False)
+KD = KDConfig(temperature=4.0, alpha=0.9)
+
+
+def _point(model: Any, data: Any, base_params: int, x: Any) -> dict[str, Any]:
+    params = count_params(model)[0]
+    return {"params": params, "params_ratio": base_params / params, "macs": count_macs(model, x)[0],
+            "val_top1": _acc(model, data, "val"), "test_top1": _acc(model, data, "test")}
+
+
+def lowrank_lenet300(args: argparse.Namespace) -> dict[str, Any]:
+    data = load_fashion_mnist()
+    base = load(RESULTS / "lenet300.safetensors")
+    x = data.test.tensors[0][:1]
+    base_row = _point(base, data, count_params(base)[0], x)
+    bp = base_row["params"]
+    curve, energy_curve = [], []
+    for e in (0.5, 0.7, 0.8, 0.9, 0.95):  # kept energy, no fine-tuning: what the SVD alone keeps
+        m = copy.deepcopy(base)
+        rep = factorize_report(m, LowRankConfig(energy=e, check_speed=False), example_inputs=x)
+        energy_curve.append({"energy": e, "ranks": {r.name: r.rank for r in rep.rewritten},
+                             **_point(m, data, bp, x)})
+    best = None
+    for budget in LENET_BUDGETS:
+        m = copy.deepcopy(base)
+        cfg = LowRankConfig(budget=budget, calibration_batches=8, speed_batch=256)
+        rep = factorize_report(m, cfg, calibration=data)
+        before = _acc(m, data, "val")
+        recover(m, data, LENET_FT, teacher=base, kd=KD)
+        row = {"budget": budget, "ranks": {r.name: r.rank for r in rep.rewritten},
+               "skipped": {r.name: r.reason for r in rep.skipped}, "notes": rep.notes,
+               "val_top1_before_finetune": before, **_point(m, data, bp, x)}
+        row["val_drop_pt"] = 100 * (base_row["val_top1"] - row["val_top1"])
+        row["test_drop_pt"] = 100 * (base_row["test_top1"] - row["test_top1"])
+        curve.append(row)
+        print(f"  budget {budget}: {row['params']} params ({row['params_ratio']:.2f}x), val "
+              f"{100 * row['val_top1']:.2f}% test {100 * row['test_top1']:.2f}%", flush=True)
+        if row["val_drop_pt"] <= 0.5 and (best is None or row["params"] < best[0]["params"]):
+            best = (row, m)
+    # The KD switch: the same budget recovered with plain cross-entropy.
+    m = copy.deepcopy(base)
+    factorize_report(m, LowRankConfig(budget=0.2, calibration_batches=8, speed_batch=256), calibration=data)
+    recover(m, data, LENET_FT)
+    no_kd = {"budget": 0.2, **_point(m, data, bp, x)}
+    out: dict[str, Any] = {"baseline": base_row, "energy_no_finetune": energy_curve, "budget_curve": curve,
+                           "budget_0.2_without_kd": no_kd, "finetune": LENET_FT.to_dict(), "kd": KD.to_dict()}
+    if best is not None:
+        row, m = best
+        path = save(m, RESULTS / "lenet300-lowrank.safetensors",
+                    extra={"dataset": "fashion-mnist", "budget": row["budget"], "test_top1": row["test_top1"]})
+        reloaded = _acc(load(path), data, "test")
+        out["chosen"] = {"budget": row["budget"], "params_ratio": row["params_ratio"],
+                         "test_top1": row["test_top1"], "test_drop_pt": row["test_drop_pt"],
+                         "checkpoint": "bench/results/lenet300-lowrank.safetensors", "bytes": file_bytes(path),
+                         "reloaded_test_top1": reloaded,
+                         "floor": "params_ratio >= 3 and test_drop_pt <= 0.5",
+                         "meets_floor": row["params_ratio"] >= 3 and row["test_drop_pt"] <= 0.5}
+    return out
+
+
+def mlp_seed(args: argparse.Namespace) -> dict[str, Any]:
+    """The seed's narrow layer: Dense(128) of the seed MLP on digits -> Linear(64, r) Linear(r, 128)."""
+    data = load_digits()
+    torch.manual_seed(0)
+    base = create_model("mlp", in_size=data.in_size, num_classes=data.num_classes)
+    train(base, data, TrainConfig(epochs=40, batch_size=64, lr=2e-3, keep_best=True, seed=0, progress=False))
+    x = data.test.tensors[0][:1]
+    bp = count_params(base)[0]
+    rows = [{"rank": None, **_point(base, data, bp, x)}]
+    for rank in (32, 16, 8, 4):
+        m = copy.deepcopy(base)
+        rep = factorize_report(m, LowRankConfig(rank=rank, ignore=("4",), check_speed=False), example_inputs=x)
+        fitted = _acc(m, data, "test")
+        recover(m, data, TrainConfig(epochs=20, batch_size=64, lr=1e-3, keep_best=True, seed=0,
+                                     progress=False), teacher=base, kd=KD)
+        rows.append({"rank": rank, "layer": next(r.to_dict() for r in rep.layers if r.name == "2"),
+                     "test_top1_before_finetune": fitted, **_point(m, data, bp, x)})
+    return {"dataset": "digits", "model": "mlp (Flatten -> Dense 128 -> Dense 10)",
+            "break_even_rank": 64 * 128 / (64 + 128), "rows": rows}
+
+
+def _same_params_tucker(layer: Any, target: int) -> list[int]:
+    """Tucker-2 ranks (same fraction of each channel mode) with about ``target`` weights."""
+    o, i = layer.weight.shape[:2]
+    best = [1, 1]
+    for f in range(1, 1001):
+        r = [max(1, round(i * f / 1000)), max(1, round(o * f / 1000))]
+        if rd_lowrank.weight_params(layer, "tucker2", r) <= target:
+            best = r
+    return best
+
+
+def conv_forms(args: argparse.Namespace) -> dict[str, Any]:
+    """SVD vs Tucker-2 on the trained CNN's convs at equal weight counts."""
+    data = load_fashion_mnist()
+    base = load(RESULTS / f"{CNN}.safetensors")
+    batches = rd_common.batches_for(None, data, 2)
+    convs = [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    seen = rd_common.capture_inputs(base, [n for n, _ in convs], batches)
+    rows = []
+    for name, layer in convs:
+        xs = torch.cat(seen[name].x)
+        xt = rd_common.speed_input(seen[name], 64)
+        with torch.no_grad():
+            y = layer(xs)
+        for frac in (0.5, 0.25):
+            target = int(frac * layer.weight.numel())
+            r_svd = [max(1, target // rd_lowrank.weight_params(layer, "conv_svd", [1]))]
+            r_tk = _same_params_tucker(layer, target)
+            row: dict[str, Any] = {"layer": name, "shape": list(layer.weight.shape), "weights_fraction": frac}
+            for form, r in (("conv_svd", r_svd), ("tucker2", r_tk)):
+                new = rd_lowrank.factorized(layer, form, r).eval()
+                with torch.no_grad():
+                    err = rd_common.relative_error(new(xs), y)
+                row[form] = {"rank": r, "weights": rd_lowrank.weight_params(layer, form, r), "output_error": err,
+                             "speedup_b64": rd_common.speed_ratio(layer, new, xt)}
+            rows.append(row)
+    whole = {}
+    for form in ("svd", "tucker2"):  # the whole conv stack at half the conv weights, no fine-tuning
+        m = copy.deepcopy(base)
+        factorize_report(m, LowRankConfig(budget=0.75, targets=("conv2d",), conv=form, check_speed=False,
+                                          calibration_batches=4), calibration=data)
+        whole[form] = {"params": count_params(m)[0], "val_top1": _acc(m, data, "val")}
+    wins = sum(r["conv_svd"]["output_error"] < r["tucker2"]["output_error"] for r in rows)
+    return {"layers": rows, "whole_model_budget_0.75_no_finetune": whole,
+            "svd_lower_error_in": f"{wins} of {len(rows)} layer/budget points",
+            "baseline_val_top1": _acc(base, data, "val")}
+
+
+def _macs_by_layer(model: Any, x: Any) -> dict[str, int]:
+    return count_macs(model, x)[1]
+
+
+def separable(args: argparse.Namespace) -> dict[str, Any]:
+    data = load_fashion_mnist()
+    base = load(RESULTS / f"{CNN}.safetensors")
+    x = data.test.tensors[0][:1]
+    sep = copy.deepcopy(base)
+    cfg = SeparableConfig(calibration_batches=8, speed_batch=256)
+    rep = separate_report(sep, cfg, calibration=data)
+    fitted_val = _acc(sep, data, "val")
+    print(f"  fitted (no fine-tuning): val {100 * fitted_val:.2f}%", flush=True)
+    ft = TrainConfig(epochs=1, batch_size=128, lr=1e-3, seed=0, progress=False)
+    t0 = time.perf_counter()
+    recover(sep, data, ft, teacher=base, kd=KD)
+    ft_s = time.perf_counter() - t0
+    path = save(sep, RESULTS / f"{CNN}-separable.safetensors",
+                extra={"dataset": "fashion-mnist", "separable": cfg.to_dict(), "finetune": ft.to_dict()})
+    base_macs, sep_macs = _macs_by_layer(base, x), _macs_by_layer(sep, x)
+    layers = []
+    for r in rep.rewritten:
+        o, i, kh, kw = base.get_submodule(r.name).weight.shape
+        counted = sum(v for k, v in sep_macs.items() if k.startswith(r.name + "."))
+        layers.append({"layer": r.name, "shape": [o, i, kh, kw], "macs_before": base_macs[r.name],
+                       "macs_after_counted": counted, "ratio": counted / base_macs[r.name],
+                       "hand_ratio_1/N+1/k2": 1 / o + 1 / (kh * kw), "fit_error": r.fit_error,
+                       "layer_speedup_b256": r.speedup})
+    before = sum(v["macs_before"] for v in layers)
+    after = sum(v["macs_after_counted"] for v in layers)
+    lat = {}
+    for b in (1, 256):
+        xb = x.expand(b, *x.shape[1:]).contiguous()
+        ratios = []
+        for _ in range(5):  # interleaved rounds: original, separable, original, ...
+            t = compare_latency({"original": base, "separable": sep}, xb, rounds=1, repeats=5 if b > 1 else 30)
+            ratios.append(t["original"].median_ms / t["separable"].median_ms)
+        lat[f"b{b}"] = {"speedup_median": statistics.median(ratios), "speedup_min": min(ratios),
+                        "speedup_max": max(ratios), "original_ms": t["original"].median_ms,
+                        "separable_ms": t["separable"].median_ms}
+    base_test, sep_test = _acc(base, data, "test"), _acc(sep, data, "test")
+    reloaded = _acc(load(path), data, "test")
+    drop = 100 * (base_test - sep_test)
+    res = {"config": cfg.to_dict(), "report": rep.to_dict(), "layers": layers,
+           "replaced_macs_ratio": before / after, "fitted_val_top1": fitted_val,
+           "finetune": ft.to_dict(), "finetune_seconds": ft_s, "kd": KD.to_dict(),
+           "baseline_test_top1": base_test, "test_top1": sep_test, "test_drop_pt": drop,
+           "reloaded_test_top1": reloaded, "params": [count_params(base)[0], count_params(sep)[0]],
+           "macs": [count_macs(base, x)[0], count_macs(sep, x)[0]], "latency": lat,
+           "checkpoint": f"bench/results/{path.name}", "bytes": file_bytes(path)}
+    res["floor"] = "replaced MACs >= 4x fewer, >= 1.5x faster at b256, drop <= 1.0 pt"
+    res["meets_floor"] = before / after >= 4 and lat["b256"]["speedup_median"] >= 1.5 and drop <= 1.0
+    return res
+
+
+PARTS = {"cnn-baseline": cnn_baseline, "lowrank-lenet300": lowrank_lenet300, "mlp-seed": mlp_seed,
+         "conv-forms": conv_forms, "separable": separable}
 
 
 def main() -> None:
@@ -80,14 +278,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    prev: dict[str, Any] = {}
-    if (RESULTS / "redesign.json").exists():
-        prev = json.loads((RESULTS / "redesign.json").read_text()).get("parts", {})
     for name in args.only or list(PARTS):
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
         res = PARTS[name](args)
         res["seconds"] = time.perf_counter() - t0
+        prev: dict[str, Any] = {}  # re-read: other parts may have been run meanwhile
+        if (RESULTS / "redesign.json").exists():
+            prev = json.loads((RESULTS / "redesign.json").read_text()).get("parts", {})
         prev[name] = res
         cmd = "python bench/redesign.py" + (f" --only {name}" if args.only else "")
         prev[name]["command"] = cmd

@@ -17,7 +17,7 @@ Initialisation, in two steps:
    patch covariance — small (I m k^2 unknowns). A few rounds fit the layer's outputs, not its
    weights, which is what the network sees.
    With BN/ReLU between the pair is not linear: then a few Adam steps of layer-wise
-   distillation (MSE to Y) replace step 2.
+   distillation (MSE to Y) replace step 2, followed by the exact least-squares pointwise step.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def fit_depthwise(conv: nn.Conv2d, pair: nn.Sequential, multiplier: int, xs: lis
 
 
 def distill_fit(pair: nn.Sequential, xs: list[torch.Tensor], ys: list[torch.Tensor], steps: int,
-                lr: float = 1e-3) -> None:
+                lr: float = 5e-3) -> None:
     """A few Adam steps on the layer-wise MSE (for pairs with BN/ReLU between)."""
     if steps <= 0:
         return
@@ -200,6 +200,8 @@ def separable(conv: nn.Conv2d, multiplier: int = 1, between: str = "none", *,
                 fit_pointwise(pair, inputs, ys)
         else:
             distill_fit(pair, inputs, ys, distill_steps)
+            pair.eval()  # the pointwise conv is linear in the (BN, ReLU) features: solve it exactly
+            fit_pointwise(pair, inputs, ys)
     pair.train(conv.training)
     for prm in pair.parameters():
         prm.requires_grad_(conv.weight.requires_grad)
