@@ -132,11 +132,13 @@ def lowrank_lenet300(args: argparse.Namespace) -> dict[str, Any]:
     if best is not None:
         row, m = best
         path = save(m, RESULTS / "lenet300-lowrank.safetensors",
-                    extra={"dataset": "fashion-mnist", "budget": row["budget"], "test_top1": row["test_top1"]})
+                    extra={"dataset": "fashion-mnist", "budget": row["budget"],
+                           "test_top1": row["test_top1"]})
         reloaded = _acc(load(path), data, "test")
         out["chosen"] = {"budget": row["budget"], "params_ratio": row["params_ratio"],
                          "test_top1": row["test_top1"], "test_drop_pt": row["test_drop_pt"],
-                         "checkpoint": "bench/results/lenet300-lowrank.safetensors", "bytes": file_bytes(path),
+                         "checkpoint": "bench/results/lenet300-lowrank.safetensors",
+                         "bytes": file_bytes(path),
                          "reloaded_test_top1": reloaded,
                          "floor": "params_ratio >= 3 and test_drop_pt <= 0.5",
                          "meets_floor": row["params_ratio"] >= 3 and row["test_drop_pt"] <= 0.5}
@@ -154,7 +156,8 @@ def mlp_seed(args: argparse.Namespace) -> dict[str, Any]:
     rows = [{"rank": None, **_point(base, data, bp, x)}]
     for rank in (32, 16, 8, 4):
         m = copy.deepcopy(base)
-        rep = factorize_report(m, LowRankConfig(rank=rank, ignore=("4",), check_speed=False), example_inputs=x)
+        cfg = LowRankConfig(rank=rank, ignore=("4",), check_speed=False)
+        rep = factorize_report(m, cfg, example_inputs=x)
         fitted = _acc(m, data, "test")
         recover(m, data, TrainConfig(epochs=20, batch_size=64, lr=1e-3, keep_best=True, seed=0,
                                      progress=False), teacher=base, kd=KD)
@@ -197,8 +200,8 @@ def conv_forms(args: argparse.Namespace) -> dict[str, Any]:
                 new = rd_lowrank.factorized(layer, form, r).eval()
                 with torch.no_grad():
                     err = rd_common.relative_error(new(xs), y)
-                row[form] = {"rank": r, "weights": rd_lowrank.weight_params(layer, form, r), "output_error": err,
-                             "speedup_b64": rd_common.speed_ratio(layer, new, xt)}
+                row[form] = {"rank": r, "weights": rd_lowrank.weight_params(layer, form, r),
+                             "output_error": err, "speedup_b64": rd_common.speed_ratio(layer, new, xt)}
             rows.append(row)
     whole = {}
     for form in ("svd", "tucker2"):  # the whole conv stack at half the conv weights, no fine-tuning
@@ -247,7 +250,8 @@ def separable(args: argparse.Namespace) -> dict[str, Any]:
         xb = x.expand(b, *x.shape[1:]).contiguous()
         ratios = []
         for _ in range(5):  # interleaved rounds: original, separable, original, ...
-            t = compare_latency({"original": base, "separable": sep}, xb, rounds=1, repeats=5 if b > 1 else 30)
+            t = compare_latency({"original": base, "separable": sep}, xb, rounds=1,
+                                repeats=5 if b > 1 else 30)
             ratios.append(t["original"].median_ms / t["separable"].median_ms)
         lat[f"b{b}"] = {"speedup_median": statistics.median(ratios), "speedup_min": min(ratios),
                         "speedup_max": max(ratios), "original_ms": t["original"].median_ms,

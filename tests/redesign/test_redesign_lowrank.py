@@ -8,8 +8,7 @@ from torch import nn
 
 from deepshrink.errors import ConfigError
 from deepshrink.models import create_model
-from deepshrink.redesign import LowRankConfig, factorize, factorize_report
-from deepshrink.redesign import lowrank
+from deepshrink.redesign import LowRankConfig, factorize, factorize_report, lowrank
 
 
 def test_full_rank_svd_reproduces_the_linear_layer():

@@ -9,8 +9,7 @@ from torch import nn
 from deepshrink.errors import ConfigError
 from deepshrink.measure import count_macs
 from deepshrink.models import create_model
-from deepshrink.redesign import SeparableConfig, separate, separate_report
-from deepshrink.redesign import dwsep
+from deepshrink.redesign import SeparableConfig, dwsep, separate, separate_report
 
 
 @pytest.mark.parametrize("o,i,k,hw", [(32, 16, 3, 10), (64, 8, 5, 9)])
