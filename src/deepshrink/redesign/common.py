@@ -8,7 +8,7 @@ import dataclasses
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,29 +20,6 @@ from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode
 # Inputs kept per layer for fitting (rows of the batch dimension); enough for a least-squares fit
 # of a few thousand unknowns over many pixels/tokens, small enough to hold every layer at once.
 MAX_ROWS = 256
-
-
-def name_matches(name: str, patterns: Iterable[str]) -> bool:
-    """True when ``name`` fully matches one of the regexes ``patterns``."""
-    return any(re.fullmatch(p, name) for p in patterns)
-
-
-def override_for(name: str, overrides: dict[str, Any]) -> Any:
-    """The value of the first override whose regex fully matches ``name`` (None if none)."""
-    for pattern, value in overrides.items():
-        if re.fullmatch(pattern, name):
-            return value
-    return None
-
-
-def check_patterns(cls_name: str, field: str, patterns: Iterable[str]) -> None:
-    from deepshrink.config import check
-
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            check(False, cls_name, field, f"bad regex {p!r}: {exc}")
 
 
 def tied_parameters(model: nn.Module) -> set[int]:

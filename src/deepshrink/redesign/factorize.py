@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepshrink.config import Config, check
+from deepshrink.config import (
+    Config,
+    check,
+    check_patterns,
+    name_matches,
+    override_for,
+    unmatched_patterns,
+)
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import Inputs, set_submodule
 from deepshrink.models import record_edit, register_edit
@@ -87,7 +94,7 @@ class LowRankConfig(Config):
               f"must be a non-empty subset of {list(TARGETS)}, got {list(self.targets)}")
         for key, v in self.overrides.items():
             check(_is_int(v) and v >= 1, n, f"overrides[{key!r}]", f"must be a rank >= 1, got {v!r}")
-        common.check_patterns(n, "ignore/overrides", [*self.ignore, *self.overrides])
+        check_patterns(n, "ignore/overrides", [*self.ignore, *self.overrides])
         for field in ("round_to", "speed_batch", "calibration_batches"):
             v = getattr(self, field)
             check(_is_int(v) and v >= 1, n, field, f"must be an integer >= 1, got {v!r}")
@@ -115,7 +122,7 @@ def _targets(model: nn.Module, config: LowRankConfig) -> tuple[list[ranks.Candid
         op = "linear" if isinstance(layer, nn.Linear) else "conv2d"
         if not reason and isinstance(layer, nn.Conv2d) and layer.groups != 1:
             reason = f"grouped conv (groups={layer.groups})"
-        if not reason and common.name_matches(name, config.ignore):
+        if not reason and name_matches(name, config.ignore):
             reason = "ignored by the config"
         if reason:
             skipped.append(LayerReport(name, op, "skipped", params_before=layer.weight.numel(),
@@ -136,7 +143,7 @@ def plan_ranks(model: nn.Module, cands: list[ranks.Candidate], config: LowRankCo
     chosen: dict[str, list[int]] = {}
     rest = []
     for c in cands:
-        fixed = common.override_for(c.name, config.overrides) or config.rank
+        fixed = override_for(c.name, config.overrides, config.rank)
         if fixed is not None:
             chosen[c.name] = [fixed] * len(lowrank.full_rank(c.layer, c.form))
         elif config.energy is not None:
@@ -232,6 +239,9 @@ def factorize_report(model: nn.Module, config: LowRankConfig | None = None, *,
     if edit:
         record_edit(model, {"kind": EDIT_KIND, "layers": edit})
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    typos = unmatched_patterns(order, [*config.ignore, *config.overrides])
+    if typos:
+        notes.append(f"patterns matching no layer (typo?): {typos}")
     rows.sort(key=lambda r: order.get(r.name, len(order)))
     return RedesignReport(model, "low-rank factorization", rows, config.to_dict(), notes)
 

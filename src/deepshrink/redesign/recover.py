@@ -29,4 +29,5 @@ def recover(model: nn.Module, data: Any, train_config: TrainConfig | None = None
             raise ConfigError("recover: a KDConfig was given but no teacher", hint="pass teacher=original")
         _result: TrainResult = train(model, data, tc, callbacks=callbacks)
         return model
-    return distill(model, teacher, data, kd or KDConfig(), train_config=tc, callbacks=callbacks)
+    return distill(model, kd or KDConfig(), teacher=teacher, data=data, train_config=tc,
+                   callbacks=callbacks).model

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepshrink.config import Config, check
+from deepshrink.config import (
+    Config,
+    check,
+    check_patterns,
+    name_matches,
+    override_for,
+    unmatched_patterns,
+)
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import Inputs, set_submodule
 from deepshrink.models import record_edit, register_edit
@@ -75,7 +82,7 @@ class SeparableConfig(Config):
                   f"must be in (0, 1) (the fraction of the model's MACs kept), got {self.budget!r}")
         check(isinstance(self.min_speedup, (int, float)) and self.min_speedup > 0, n, "min_speedup",
               f"must be > 0, got {self.min_speedup!r}")
-        common.check_patterns(n, "layers/ignore/overrides", [*self.layers, *self.ignore, *self.overrides])
+        check_patterns(n, "layers/ignore/overrides", [*self.layers, *self.ignore, *self.overrides])
 
 
 @dataclasses.dataclass
@@ -92,14 +99,14 @@ def _plans(model: nn.Module, config: SeparableConfig, seen: dict[str, common.Lay
     plans, skipped = [], []
     for name, conv, reason in common.candidates(model, (nn.Conv2d,)):
         reason = reason or dwsep.eligible(conv)
-        if not reason and config.layers and not common.name_matches(name, config.layers):
+        if not reason and config.layers and not name_matches(name, config.layers):
             reason = "not in the config's layers"
-        if not reason and common.name_matches(name, config.ignore):
+        if not reason and name_matches(name, config.ignore):
             reason = "ignored by the config"
         rec = seen.get(name)
         if not reason and (rec is None or not rec.x):
             reason = "not called on the calibration/example inputs (nothing to fit it to)"
-        m = common.override_for(name, config.overrides) or config.multiplier
+        m = override_for(name, config.overrides, config.multiplier)
         params = conv.weight.numel() + (0 if conv.bias is None else conv.bias.numel())
         macs, macs_sep = dwsep.pair_macs(conv, m, rec.positions if rec else 0)
         row = LayerReport(name, "conv2d", "skipped", [m], params, params, macs, macs)
@@ -197,6 +204,9 @@ def separate_report(model: nn.Module, config: SeparableConfig | None = None, *,
     if edit:
         record_edit(model, {"kind": EDIT_KIND, "layers": edit})
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    typos = unmatched_patterns(order, [*config.layers, *config.ignore, *config.overrides])
+    if typos:
+        notes.append(f"patterns matching no layer (typo?): {typos}")
     rows.sort(key=lambda r: order.get(r.name, len(order)))
     return RedesignReport(model, "depthwise-separable substitution", rows, config.to_dict(), notes)
 
