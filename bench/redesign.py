@@ -271,8 +271,79 @@ def separable(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+BERT = {"model_type": "bert", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "intermediate_size": 1024, "vocab_size": 1000, "max_position_embeddings": 128}
+
+
+def bert(args: argparse.Namespace) -> dict[str, Any]:
+    """Low-rank FFN and attention projections of a random-init BERT encoder: sizes, MACs, speed,
+    save -> load. Random weights have flat spectra, so no accuracy claim is made (the output
+    error is reported to show what rank 64 of 256 costs an untrained network)."""
+    import tempfile
+
+    from deepshrink.modeling import forward
+
+    torch.manual_seed(0)
+    base = create_model("hf", arch="BertModel", config=BERT).eval()
+    ids = torch.randint(0, BERT["vocab_size"], (8, 128))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model = copy.deepcopy(base)
+    cfg = LowRankConfig(rank=64, ignore=(r"pooler\..*",), speed_batch=8)
+    rep = factorize_report(model, cfg, example_inputs=inputs)
+    ref, out = forward(base, inputs), forward(model, inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        back = load(save(model, Path(tmp) / "bert-lowrank.safetensors"))
+        reload_diff = float((forward(back, inputs) - out).abs().max())
+    ratios = []
+    for _ in range(5):
+        t = compare_latency({"original": base, "lowrank": model}, inputs, rounds=1, repeats=3)
+        ratios.append(t["original"].median_ms / t["lowrank"].median_ms)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).mean()
+    return {"config": BERT, "inputs": "batch 8 x seq 128", "lowrank": cfg.to_dict(),
+            "rewritten": len(rep.rewritten), "skipped": {r.name: r.reason for r in rep.skipped},
+            "encoder_linear_params": rep.totals(), "params": [count_params(base)[0], count_params(model)[0]],
+            "macs": [count_macs(base, inputs)[0], count_macs(model, inputs)[0]],
+            "speedup_b8_median": statistics.median(ratios), "speedup_b8_range": [min(ratios), max(ratios)],
+            "output_cosine_vs_original_random_init": float(cos), "save_load_max_abs_diff": reload_diff}
+
+
+def compose(args: argparse.Namespace) -> dict[str, Any]:
+    """The redesigned models through the other families: separable CNN -> static int8 ONNX;
+    low-rank LeNet-300 -> 5-bit weight sharing -> .dsz (Huffman-coded)."""
+    import tempfile
+
+    from deepshrink.dsz import pack
+    from deepshrink.quantization import OrtModel, PTQConfig, export_onnx, quantize
+    from deepshrink.sharing import KMeansConfig, share
+
+    data = load_fashion_mnist()
+    test = data.loader("test", 500)
+    res: dict[str, Any] = {}
+    sep = load(RESULTS / f"{CNN}-separable.safetensors")
+    with tempfile.TemporaryDirectory() as tmp:
+        q = quantize(copy.deepcopy(sep), PTQConfig(mode="static", bits=8, calib_batches=8), data)
+        onnx = export_onnx(q, Path(tmp) / "sep-int8.onnx", data.test.tensors[0][:1])
+        res["separable_int8_onnx"] = {
+            "from": f"bench/results/{CNN}-separable.safetensors",
+            "fp32_bytes": file_bytes(RESULTS / f"{CNN}-separable.safetensors"),
+            "int8_onnx_bytes": len(onnx), "fp32_test_top1": evaluate(sep, test)["top1"],
+            "int8_onnx_test_top1": evaluate(OrtModel(Path(tmp) / "sep-int8.onnx"), test)["top1"],
+            "original_fp32_bytes": file_bytes(RESULTS / f"{CNN}.safetensors")}
+        lr = load(RESULTS / "lenet300-lowrank.safetensors")
+        shared = share(copy.deepcopy(lr), KMeansConfig(bits=5))
+        rep = pack(shared, Path(tmp) / "lenet300-lowrank.dsz")
+        back = load(Path(tmp) / "lenet300-lowrank.dsz")
+        res["lowrank_dsz"] = {
+            "from": "bench/results/lenet300-lowrank.safetensors",
+            "fp32_bytes": file_bytes(RESULTS / "lenet300-lowrank.safetensors"), "dsz_bytes": rep.bytes,
+            "original_lenet300_bytes": file_bytes(RESULTS / "lenet300.safetensors"),
+            "fp32_test_top1": evaluate(lr, test)["top1"], "dsz_test_top1": evaluate(back, test)["top1"],
+            "sharing": "5-bit k-means per layer, no centroid fine-tuning"}
+    return res
+
+
 PARTS = {"cnn-baseline": cnn_baseline, "lowrank-lenet300": lowrank_lenet300, "mlp-seed": mlp_seed,
-         "conv-forms": conv_forms, "separable": separable}
+         "conv-forms": conv_forms, "separable": separable, "bert": bert, "compose": compose}
 
 
 def main() -> None:

@@ -133,3 +133,17 @@ def test_composes_with_channel_pruning_static_int8_sharing_and_dsz(tmp_path):
     pack(model2, tmp_path / "s.dsz")
     unpacked = deepshrink.load(tmp_path / "s.dsz")
     assert torch.allclose(unpacked(x), model2(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [_lowrank_lenet5, _separable_vgg])
+def test_replay_allocates_nothing_on_the_meta_device(make):
+    """A loader may build the recorded architecture on the meta device first (to check a file
+    before allocating): the replayers must only build structure, never touch weight values."""
+    from deepshrink.models import build_from_spec
+
+    model, _ = make()
+    with torch.device("meta"):
+        skeleton = build_from_spec(get_spec(model))
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert [(n, p.shape) for n, p in skeleton.named_parameters()] == \
+        [(n, p.shape) for n, p in model.named_parameters()]
