@@ -147,3 +147,20 @@ def test_replay_allocates_nothing_on_the_meta_device(make):
     assert all(p.is_meta for p in skeleton.parameters())
     assert [(n, p.shape) for n, p in skeleton.named_parameters()] == \
         [(n, p.shape) for n, p in model.named_parameters()]
+
+
+def test_a_fresh_process_loads_a_rewritten_model(tmp_path):
+    """`deepshrink.load` alone (no import of deepshrink.redesign) must know both edit kinds."""
+    import subprocess
+    import sys
+
+    model, x = _lowrank_lenet5()
+    separate(model, SeparableConfig(check_speed=False), example_inputs=x)
+    path = deepshrink.save(model, tmp_path / "m.safetensors")
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch, deepshrink; m = deepshrink.load(sys.argv[1]); "
+            "print(float(m(torch.load(sys.argv[2], weights_only=True)).sum()))")
+    res = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-500:]
+    assert float(res.stdout) == pytest.approx(float(model(x).sum()), rel=1e-6)
