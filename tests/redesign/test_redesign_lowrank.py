@@ -127,3 +127,16 @@ def test_config_validation_and_round_trip():
 def test_budget_without_data_is_a_config_error():
     with pytest.raises(ConfigError, match="needs data"):
         factorize(create_model("mlp", in_size=8), LowRankConfig(budget=0.5))
+
+
+@pytest.mark.parametrize("form,rank", [("linear", [5]), ("conv_svd", [5]), ("tucker2", [3, 7]),
+                                       ("tucker2", [6, 6])])
+def test_dense_weight_is_what_the_factorized_layers_compute(form, rank):
+    """The sensitivity scan swaps in dense_weight; it must equal the truncated factors' product."""
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 9) if form == "linear" else nn.Conv2d(6, 10, 3, padding=1)
+    x = torch.randn(2, 12) if form == "linear" else torch.randn(2, 6, 7, 7)
+    pair = lowrank.factorized(layer, form, rank)
+    with torch.no_grad():
+        layer.weight.copy_(lowrank.dense_weight(layer.weight, form, rank))
+    assert torch.allclose(pair(x), layer(x), atol=1e-5, rtol=0)

@@ -125,7 +125,7 @@ def dense_weight(weight: torch.Tensor, form: str, rank: list[int]) -> torch.Tens
     elif form == "conv_svd":
         w = (f[1][:, :, 0, 0] @ f[0].reshape(f[0].shape[0], -1)).reshape(weight.shape)
     else:
-        w = torch.einsum("rskl,or,is->oikl", f[1], f[2][:, :, 0, 0], f[0][:, :, 0, 0])
+        w = torch.einsum("rskl,or,si->oikl", f[1], f[2][:, :, 0, 0], f[0][:, :, 0, 0])
     return w.to(weight.dtype)
 
 
