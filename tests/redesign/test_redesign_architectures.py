@@ -88,7 +88,7 @@ def test_truncated_rewrites_keep_the_interface_and_reload(tmp_path, name):
     out = forward(model, x)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     if name == "user":  # built outside the registry: no spec, weights load into the same structure
-        path = deepshrink.save(model, tmp_path / "m.safetensors")
+        path = deepshrink.save(model, tmp_path / "m.safetensors", weights_only=True)
         blank = copy.deepcopy(model)
         for p in blank.parameters():
             p.data.zero_()

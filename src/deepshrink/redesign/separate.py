@@ -237,7 +237,7 @@ def edit_fields(value: Any, where: str) -> dict[str, Any]:
     return {"layers": common.layers_field(value["layers"], f"{where}.layers", _layer_fields)}
 
 
-@register_edit(EDIT_KIND)
+@register_edit(EDIT_KIND, schema=edit_fields)
 def replay(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild the separable pairs on load (weights come from the file)."""
     where = f"edit {EDIT_KIND!r}"
