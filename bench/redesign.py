@@ -350,7 +350,8 @@ def compose(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     sep = load(RESULTS / f"{CNN}-separable.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
-        q = quantize(copy.deepcopy(sep), PTQConfig(mode="static", bits=8, calib_batches=8), data)
+        q = quantize(copy.deepcopy(sep), PTQConfig(mode="static", bits=8, calibration_batches=8),
+                     calibration=data)
         onnx = export_onnx(q, Path(tmp) / "sep-int8.onnx", data.test.tensors[0][:1])
         res["separable_int8_onnx"] = {
             "from": f"bench/results/{CNN}-separable.safetensors",

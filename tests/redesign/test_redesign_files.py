@@ -121,11 +121,12 @@ def test_composes_with_channel_pruning_static_int8_sharing_and_dsz(tmp_path):
 
     model, x = _lowrank_lenet5()
     ref = model(x)
-    prune(model, ChannelConfig(ratio=0.25), x[:2])  # the factor layers are ordinary Linear/Conv2d
+    # the factor layers are ordinary Linear/Conv2d, so channel pruning cuts them
+    prune(model, ChannelConfig(ratio=0.25), example_inputs=x[:2])
     assert model[6][0].out_features < 6 or model[3][0].out_channels < 6
     back = deepshrink.load(deepshrink.save(model, tmp_path / "p.safetensors"))
     assert torch.equal(back(x), model(x))
-    q = quantize(back, PTQConfig(mode="static", bits=8), x)
+    q = quantize(back, PTQConfig(mode="static", bits=8), calibration=x)
     export_onnx(q, tmp_path / "q.onnx", x[:1])
     assert torch.as_tensor(OrtModel(tmp_path / "q.onnx")(x)).shape == ref.shape
     model2, _ = _separable_vgg()
