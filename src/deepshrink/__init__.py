@@ -5,6 +5,7 @@
 from deepshrink import dsz as dsz
 from deepshrink import pruning as pruning
 from deepshrink import quantization as quantization
+from deepshrink import redesign as redesign
 from deepshrink.checkpoint import load, read_metadata, save
 from deepshrink.errors import ConfigError, DataError, DeepShrinkError, FormatError, ModelError
 from deepshrink.models import create_model, list_models

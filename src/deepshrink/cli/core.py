@@ -104,14 +104,22 @@ def register(app: typer.Typer) -> None:
         rep = measure_model(net, torch.rand(1, *shape), name=path.name, file=path,
                             latency_batches=(1, 256) if latency else ())
         from deepshrink.dsz import dsz_info, is_dsz  # .dsz files also show their sections
+        from deepshrink.models import get_spec
+        from deepshrink.redesign import rewritten_layers  # low-rank / separable layers and ranks
 
         with path.open("rb") as f:
             dsz = dsz_info(path) if is_dsz(f.read(8)) else None
+        rewrites = rewritten_layers(get_spec(net))
         if as_json:
-            emit_json({**rep.to_dict(), **({"dsz": dsz} if dsz else {})})
+            emit_json({**rep.to_dict(), **({"dsz": dsz} if dsz else {}),
+                       **({"rewritten": rewrites} if rewrites else {})})
         else:
             rep.summary_table().print(out)
             rep.layer_table().print(out)
+            if rewrites:
+                from deepshrink.cli.redesign import print_rewrites
+
+                print_rewrites(rewrites)
             if dsz:
                 from deepshrink.cli.compress import print_dsz_info
 

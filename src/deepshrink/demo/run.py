@@ -17,7 +17,7 @@ import torch
 
 from deepshrink.checkpoint import save
 from deepshrink.data import load_digits
-from deepshrink.demo import channels, distill, quantization, sharing, unstructured
+from deepshrink.demo import channels, distill, quantization, redesign, sharing, unstructured
 from deepshrink.demo.context import DemoContext
 from deepshrink.measure import ModelReport, ResultTable, compare_latency, speedup
 from deepshrink.models import create_model
@@ -32,6 +32,7 @@ STAGES: list[Stage] = [
     channels.demo_stage,
     sharing.demo_stage,
     distill.demo_stage,
+    redesign.demo_stage,
     quantization.demo_stage,
 ]
 
