@@ -102,7 +102,7 @@ def register_edit(kind: str) -> Callable[[EditReplayer], EditReplayer]:
 
 def _ensure_edit_plugins() -> None:
     # Techniques register their replayers on import; imported lazily (they import this module).
-    for mod in ("deepshrink.pruning", "deepshrink.quantization"):
+    for mod in ("deepshrink.pruning", "deepshrink.quantization", "deepshrink.early_exit"):
         importlib.import_module(mod)
 
 
