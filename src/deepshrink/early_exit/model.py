@@ -81,6 +81,7 @@ class MultiExitModel(nn.Module):
         self.thresholds: list[float | None] = [None] * len(points)
         self._followers = _follower_names(base, self.points)
         object.__setattr__(self, "_state", None)
+        object.__setattr__(self, "_all_heads", False)
         self._install_hooks()
         self.set_policy(thresholds if thresholds is not None else self.thresholds, criterion)
 
@@ -121,7 +122,20 @@ class MultiExitModel(nn.Module):
     # -- running --------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         inputs = kwargs if kwargs else (args[0] if len(args) == 1 else tuple(args))
+        if self._all_heads:
+            return self.all_exits(inputs)[-1]
         return self.run(inputs).logits
+
+    @contextmanager
+    def all_heads(self) -> Iterator[MultiExitModel]:
+        """Within this context ``model(x)`` runs every head on every sample (no exits) and
+        returns the final logits: what static quantization's calibration needs so that every
+        layer, heads included, sees data (``with multi.all_heads(): quantize(multi, ...)``)."""
+        object.__setattr__(self, "_all_heads", True)
+        try:
+            yield self
+        finally:
+            object.__setattr__(self, "_all_heads", False)
 
     def run(self, inputs: Any) -> ExitRun:
         """The logits under the current policy and the exit each sample took, skipping the rest
