@@ -117,13 +117,11 @@ def _export(module: nn.Module, x: torch.Tensor) -> Any:
 def _inline(proto: Any, prefix: str, source: str) -> tuple[list[Any], list[Any], str]:
     """Nodes and initializers of a one-input, one-output model, renamed under ``prefix`` and
     reading its input from the value ``source``; returns also the name of its output."""
-    import onnx
     from onnx import compose, helper
 
     m = compose.add_prefix(proto, prefix)
     g = m.graph
     nodes = [helper.make_node("Identity", [source], [g.input[0].name]), *g.node]
-    del onnx  # (imported for type availability only)
     return nodes, list(g.initializer), g.output[0].name
 
 
@@ -134,7 +132,8 @@ def _score_nodes(logits: str, prefix: str, criterion: str, num_classes: int) -> 
     p = prefix
     if criterion == "confidence":
         return [helper.make_node("Softmax", [logits], [p + "prob"], axis=-1),
-                helper.make_node("ReduceMax", [p + "prob"], [p + "score"], axes=[-1], keepdims=0)], p + "score"
+                helper.make_node("ReduceMax", [p + "prob"], [p + "score"], axes=[-1], keepdims=0)
+                ], p + "score"
     scale = helper.make_tensor(p + "invlogc", 1, [], [1.0 / math.log(max(2, num_classes))])
     one = helper.make_tensor(p + "one", 1, [], [1.0])
     return [helper.make_node("LogSoftmax", [logits], [p + "logp"], axis=-1),
@@ -206,15 +205,15 @@ def _if_graph(segs: list[Any], heads: list[Any], thresholds: list[float | None],
         info = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", num_classes])]
         then_g = helper.make_graph([helper.make_node("Identity", [logits], [out])], f"exit{k}", [], info)
         en, ei, eo = rest(k + 1, feat)
-        else_g = helper.make_graph([*en, helper.make_node("Identity", [eo], [out])], f"go_on{k}", [], info, ei)
+        else_g = helper.make_graph([*en, helper.make_node("Identity", [eo], [out])], f"go_on{k}", [], info,
+                                   ei)
         node = helper.make_node("If", [f"c{k}/cond"], [f"if{k}/out"], then_branch=then_g, else_branch=else_g)
         return nodes + hn + sn + cond + [node], inits + hi, f"if{k}/out"
 
     nodes, inits, out = rest(0, "input")
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])
     graph = helper.make_graph([*nodes, helper.make_node("Identity", [out], ["logits"])], "early_exit",
-                              [segs[0].graph.input[0]],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])],
-                              inits)
+                              [segs[0].graph.input[0]], [logits], inits)
     return helper.make_model(graph, opset_imports=_opsets(segs + heads), ir_version=segs[0].ir_version)
 
 
