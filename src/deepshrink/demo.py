@@ -32,6 +32,7 @@ STAGES: list[str] = [
     "deepshrink.sharing.demo:demo_stage",
     "deepshrink.distill.demo:demo_stage",
     "deepshrink.quantization.demo:demo_stage",
+    "deepshrink.early_exit.demo:demo_stage",
 ]
 
 LATENCY_BATCHES = (1, 256)

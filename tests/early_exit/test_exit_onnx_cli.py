@@ -95,7 +95,8 @@ def test_cli_early_exit_evaluate_info(tmp_path):
     r = runner.invoke(app, ["train", "-m", "lenet300", "-o", str(base), "--epochs", "10", "--json"])
     assert r.exit_code == 0, r.output
     out = tmp_path / "exits.safetensors"
-    r = runner.invoke(app, ["early-exit", str(base), "-o", str(out), "--budget", "2", "--epochs", "15", "--lr", "0.01",
+    r = runner.invoke(app, ["early-exit", str(base), "-o", str(out), "--budget", "2", "--epochs", "15",
+                            "--lr", "0.01",
                             "--hidden", "16", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)

@@ -51,9 +51,9 @@ class ExitRun:
 
 def exit_scores(logits: torch.Tensor, criterion: str) -> torch.Tensor:
     """Per-sample confidence in [0, 1], higher = surer: max softmax, or 1 - H(p)/log C."""
-    logp = F.log_softmax(logits.float(), dim=-1)
     if criterion == "confidence":
-        return logp.max(dim=-1).values.exp()
+        return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+    logp = F.log_softmax(logits.float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return 1.0 - entropy / math.log(max(2, logits.shape[-1]))
 
@@ -231,12 +231,13 @@ class _RunState:
         if self.collect:
             self.collected.append(z)
             return None
-        done = exit_scores(z, model.criterion) >= t
+        score = exit_scores(z, model.criterion)
         if self.n == 1:  # batch 1: one comparison, and either leave now or carry on untouched
-            if not bool(done):
+            if float(score) < t:
                 return None
             self.logits, self.exits = z, torch.full((1,), k, dtype=torch.long)
             raise _AllExited
+        done = score >= t
         n_done = int(done.sum())
         if n_done == 0:
             return None
