@@ -115,12 +115,12 @@ def test_mac_counter_counts_only_the_layers_each_sample_ran(build, name):
         exits = multi.run(x).exits
     per_exit = costs.per_exit(multi.thresholds)
     expected = sum(per_exit[int(e)] for e in exits)
-    total, _ = count_macs(multi, (x,))
+    total, _ = count_macs(multi, x)
     assert total == expected
     assert len(set(exits.tolist())) >= 2  # a mixed batch
     assert per_exit[0] < per_exit[-1]
     if not isinstance(x, dict):  # the base model alone at batch 10: ten times one sample's backbone
-        assert count_macs(multi.base, (x,))[0] == 10 * costs.backbone[-1]
+        assert count_macs(multi.base, x)[0] == 10 * costs.backbone[-1]
 
 
 def test_suggested_points(kit):

@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
-from deepshrink.config import Config, check
+from deepshrink.config import Config, check, check_patterns, name_matches
 from deepshrink.train import TrainConfig
 
 HEAD_KINDS = ("auto", "pool_linear", "conv_pool_linear", "linear", "cls_linear")
 CRITERIA = ("confidence", "entropy")
 _HEAD_KEYS = ("head", "pool", "hidden")
-
-
-def _check_regexes(name: str, field: str, patterns: Any) -> None:
-    for p in patterns:
-        try:
-            re.compile(p)
-        except (re.error, TypeError) as exc:
-            check(False, name, field, f"{p!r} is not a valid regular expression ({exc})")
 
 
 @dataclasses.dataclass
@@ -53,8 +44,8 @@ class ExitConfig(Config):
         check(1 <= self.pool <= 16, n, "pool", f"must be in [1, 16], got {self.pool}")
         check(0 <= self.hidden <= 65536, n, "hidden", f"must be in [0, 65536], got {self.hidden}")
         check(len(set(self.points)) == len(self.points), n, "points", "names a module twice")
-        _check_regexes(n, "ignore", self.ignore)
-        _check_regexes(n, "overrides", self.overrides)
+        check_patterns(n, "ignore", self.ignore)
+        check_patterns(n, "overrides", self.overrides)
         for pattern, value in self.overrides.items():
             check(isinstance(value, dict) and set(value) <= set(_HEAD_KEYS), n, f"overrides[{pattern!r}]",
                   f"must be an object with keys among {list(_HEAD_KEYS)}, got {value!r}")
@@ -65,7 +56,7 @@ class ExitConfig(Config):
         """``{"head", "pool", "hidden"}`` for one exit: the defaults, then every matching override."""
         opts = {"head": self.head, "pool": self.pool, "hidden": self.hidden}
         for pattern, value in self.overrides.items():
-            if re.fullmatch(pattern, point):
+            if name_matches(point, (pattern,)):
                 opts.update(value)
         return opts
 

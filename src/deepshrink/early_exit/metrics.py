@@ -44,19 +44,18 @@ def exit_costs(model: MultiExitModel, example: Any) -> ExitCosts:
     the layers such a sample runs)."""
     x = select(as_inputs(example), slice(0, 1))
     saved = (list(model.thresholds), model.criterion)
-    args = tuple(x) if isinstance(x, tuple) else (x,)
     feats: dict[int, torch.Tensor] = {}
     try:
         backbone, heads = [], []
         for k in range(model.num_exits):
             model.always_exit_at(k)
-            total, _ = count_macs(model, args if not isinstance(x, dict) else (x,))
+            total, _ = count_macs(model, x)
             feats[k] = _feature(model, x, k)
             h, _ = count_macs(model.heads[k], feats[k])
             backbone.append(total - h)
             heads.append(h)
         model.never_exit()
-        total, _ = count_macs(model, args if not isinstance(x, dict) else (x,))
+        total, _ = count_macs(model, x)
         backbone.append(total)
     finally:
         model.set_policy(*saved)

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepshrink.config import name_matches, unmatched_patterns
 from deepshrink.early_exit.config import CRITERIA, ExitConfig
 from deepshrink.early_exit.heads import build_head, head_spec, suggest_points
-from deepshrink.errors import FormatError, ModelError
+from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import as_inputs, batch_size, call, eval_mode, output_tensor
 from deepshrink.models import ModelSpec, get_spec, register_edit, set_spec
 
@@ -309,8 +310,12 @@ def add_exits(model: nn.Module, config: ExitConfig | None = None, *, example_inp
         example_inputs = calibration_batches(calibration, 1, batch_size_hint=2)[0]
     if example_inputs is None:
         raise ModelError("add_exits needs example_inputs (or calibration) to see the feature shapes")
-    points = list(cfg.points) or [p for p in suggest_points(model)
-                                  if not any(re.fullmatch(r, p) for r in cfg.ignore)]
+    candidates = list(cfg.points) or suggest_points(model)
+    points = [p for p in candidates if not name_matches(p, cfg.ignore)]
+    unmatched = unmatched_patterns(candidates, [*cfg.ignore, *cfg.overrides])
+    if unmatched:
+        raise ConfigError(f"ExitConfig: pattern(s) {unmatched} match no exit point",
+                          hint=f"exit points: {candidates}")
     if not points:
         raise ModelError("no exit points left", hint="check ExitConfig.points / ignore")
     if len(points) > MAX_EXITS:

@@ -3,18 +3,21 @@ thresholds calibrated on the validation split to 1 accuracy point; real skipping
 
 from __future__ import annotations
 
-from typing import Any
-
 from deepshrink.checkpoint import save
-from deepshrink.early_exit.config import CalibrationConfig, ExitConfig, ExitTrainConfig
-from deepshrink.early_exit.metrics import evaluate_exits
-from deepshrink.early_exit.model import add_exits
-from deepshrink.early_exit.policy import calibrate
-from deepshrink.early_exit.training import train_exits
+from deepshrink.demo.context import DemoContext
+from deepshrink.early_exit import (
+    CalibrationConfig,
+    ExitConfig,
+    ExitTrainConfig,
+    add_exits,
+    calibrate,
+    evaluate_exits,
+    train_exits,
+)
 from deepshrink.train import TrainConfig
 
 
-def demo_stage(ctx: Any) -> None:
+def demo_stage(ctx: DemoContext) -> None:
     original = ctx.fresh_baseline()
     multi = add_exits(ctx.fresh_baseline(), ExitConfig(hidden=32), example_inputs=ctx.example(2))
     tc = TrainConfig(epochs=10 if ctx.quick else 30, batch_size=64, lr=5e-3, seed=0, progress=False)
