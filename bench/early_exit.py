@@ -142,13 +142,14 @@ def resnet_small(data: Any, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     original = ds.create_model("resnet_small")
     t0 = time.perf_counter()
-    train(original, data, TrainConfig(epochs=args.resnet_epochs, lr=2e-3, batch_size=128, progress=False))
+    train(original, data, TrainConfig(epochs=args.resnet_epochs, lr=2e-3, batch_size=128, progress=False,
+                                      max_steps=args.resnet_steps))
     log(f"resnet_small: baseline trained in {time.perf_counter() - t0:.0f} s")
     cfg = ExitConfig(points=("stem", "layers.0", "layers.1"), pool=4, hidden=128)
     tc = ExitTrainConfig(mode="heads", alpha=0.5, train=TrainConfig(epochs=args.head_epochs, lr=2e-3,
-                                                                     progress=False))
+                                                                     progress=False, max_steps=args.head_steps))
     res = run_model("resnet_small", original, data, cfg, tc, args)
-    res["baseline_epochs"] = args.resnet_epochs
+    res["baseline_training"] = {"epochs": args.resnet_epochs, "max_steps": args.resnet_steps, "batch_size": 128}
     return res
 
 
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("--lenet-epochs", type=int, default=2)
     ap.add_argument("--resnet-epochs", type=int, default=2)
     ap.add_argument("--head-epochs", type=int, default=2)
+    ap.add_argument("--resnet-steps", type=int, default=None, help="cap on baseline optimizer steps")
+    ap.add_argument("--head-steps", type=int, default=None, help="cap on exit-head optimizer steps")
     ap.add_argument("--b1", type=int, default=300, help="test images timed one by one")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)

@@ -239,7 +239,11 @@ def export_exits_onnx(model: MultiExitModel, directory: str | Path, example: tor
         stage = _stage_model(seg, heads[i] if i < len(heads) else None, i)
         files.append(f"stage{i}.onnx")
         _write(directory / files[-1], stage.SerializeToString())
-    if_model = _if_graph(segs, heads, model.thresholds, model.criterion, num_classes)
+    # The If graph is built from pieces ONNX Runtime has already optimized (fused int8 kernels):
+    # ORT 1.32's optimizer aborts the process on int8 QDQ nodes inside If branches, so the
+    # composed graph is then loaded with optimization off (see OrtExitModel).
+    if_model = _if_graph([_ort_optimized(p) for p in segs], [_ort_optimized(p) for p in heads],
+                         model.thresholds, model.criterion, num_classes)
     onnx.checker.check_model(if_model)
     _write(directory / "ifgraph.onnx", if_model.SerializeToString())
     manifest = {"format": "deepshrink-early-exit-onnx", "version": 1, "stages": files,
@@ -247,6 +251,22 @@ def export_exits_onnx(model: MultiExitModel, directory: str | Path, example: tor
                 "points": model.points, "num_classes": num_classes}
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
     return directory / MANIFEST
+
+
+def _ort_optimized(proto: Any) -> Any:
+    """``proto`` after ONNX Runtime's extended graph optimizations (as ORT writes it out)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -292,7 +312,7 @@ class OrtExitModel:
             raise ModelError(f"mode must be 'segments' or 'if', got {mode!r}")
         self.mode, self.thresholds, self.criterion = mode, m["thresholds"], m["criterion"]
         if mode == "if":
-            self.graph = OrtModel(directory / "ifgraph.onnx", threads=threads)
+            self.graph = OrtModel(directory / "ifgraph.onnx", threads=threads, optimize=False)
         else:
             self.stages = [OrtModel(directory / s, threads=threads).session for s in m["stages"]]
 
