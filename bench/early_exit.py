@@ -146,10 +146,11 @@ def resnet_small(data: Any, args: argparse.Namespace) -> dict[str, Any]:
                                       max_steps=args.resnet_steps))
     log(f"resnet_small: baseline trained in {time.perf_counter() - t0:.0f} s")
     cfg = ExitConfig(points=("stem", "layers.0", "layers.1"), pool=4, hidden=128)
-    tc = ExitTrainConfig(mode="heads", alpha=0.5, train=TrainConfig(epochs=args.head_epochs, lr=2e-3,
-                                                                     progress=False, max_steps=args.head_steps))
+    heads = TrainConfig(epochs=args.head_epochs, lr=2e-3, progress=False, max_steps=args.head_steps)
+    tc = ExitTrainConfig(mode="heads", alpha=0.5, train=heads)
     res = run_model("resnet_small", original, data, cfg, tc, args)
-    res["baseline_training"] = {"epochs": args.resnet_epochs, "max_steps": args.resnet_steps, "batch_size": 128}
+    res["baseline_training"] = {"epochs": args.resnet_epochs, "max_steps": args.resnet_steps,
+                                "batch_size": 128}
     return res
 
 
