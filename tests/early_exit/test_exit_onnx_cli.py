@@ -74,6 +74,9 @@ def test_int8_composes_with_exits(kit, tmp_path):
     ops = {n.op_type for n in __import__("onnx").load(str(tmp_path / "onnx" / "stage0.onnx")).graph.node}
     assert ops & {"QuantizeLinear", "MatMulIntegerToFloat", "ConvInteger", "QLinearConv"}
     assert torch.allclose(OrtExitModel(tmp_path / "onnx")(x), got.logits, atol=0.05)
+    graph = OrtExitModel(tmp_path / "onnx", mode="if")  # int8 QDQ inside If branches: no ORT abort
+    for i in range(8):
+        assert torch.allclose(graph(x[i:i + 1]), got.logits[i:i + 1], atol=0.05)
 
 
 def test_onnx_refuses_bad_manifests_and_uncuttable_models(kit, tmp_path):
