@@ -32,6 +32,7 @@ from deepshrink.early_exit.heads import build_head, head_spec, suggest_points
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import as_inputs, batch_size, call, eval_mode, output_tensor
 from deepshrink.models import ModelSpec, get_spec, register_edit, set_spec
+from deepshrink.models.schema import Float, Int, List, Obj, Opt, Str
 
 EDIT_KIND = "early_exit"
 MAX_EXITS = 64
@@ -361,73 +362,47 @@ def _feature_shapes(model: nn.Module, points: list[str], example: Any, output: s
 
 # -- rebuilding from a file ---------------------------------------------------------------------
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
-_HEAD_FIELDS = {"kind": str, "in_features": int, "num_classes": int, "hidden": int, "pool": int}
-_LIMITS = {"in_features": 1 << 20, "num_classes": 1 << 20, "hidden": 1 << 16, "pool": 16}
-
-
-def _fail(where: str, message: str, value: Any) -> FormatError:
-    return FormatError(f"{where}: {message}, got {value!r:.80}")
+_HEAD_KINDS = ("pool_linear", "conv_pool_linear", "linear", "cls_linear")
+HEAD_SCHEMA = Obj({"kind": Str(choices=_HEAD_KINDS), "in_features": Int(1, 1 << 20),
+                   "num_classes": Int(1, 1 << 20), "hidden": Int(0, 1 << 16)},
+                  optional={"pool": Int(1, 16)})
+EDIT_SCHEMA = Obj({"version": Int(1, 1),
+                   "exits": List(Obj({"point": Str(pattern=_NAME), "head": HEAD_SCHEMA}), max_len=MAX_EXITS,
+                                 min_len=1),
+                   "criterion": Str(choices=CRITERIA),
+                   "thresholds": List(Opt(Float(0.0, 1.0)), max_len=MAX_EXITS),
+                   "output": Opt(Str(pattern=_NAME))})
 
 
 def check_exit_edit(edit: Any, where: str = "edit") -> dict[str, Any]:
-    """Validate an ``early_exit`` edit read from a file; FormatError names the bad field."""
-    allowed = {"kind", "version", "exits", "criterion", "thresholds", "output"}
+    """Validate an ``early_exit`` edit read from a file (the registered schema plus the checks
+    across fields); FormatError names the bad field."""
     if not isinstance(edit, dict):
-        raise _fail(where, "must be an object", edit)
-    unknown = sorted(set(edit) - allowed, key=str)
-    if unknown:
-        raise FormatError(f"{where}: unknown field(s) {unknown[:5]} (allowed: {sorted(allowed)})")
-    if edit.get("version") != 1:
-        raise _fail(f"{where}.version", "must be 1", edit.get("version"))
-    exits = edit.get("exits")
-    if not isinstance(exits, list) or not 1 <= len(exits) <= MAX_EXITS:
-        raise _fail(f"{where}.exits", f"must be a list of 1 to {MAX_EXITS} exits", exits)
-    for i, e in enumerate(exits):
-        _check_exit(e, f"{where}.exits[{i}]")
-    if edit.get("criterion") not in CRITERIA:
-        raise _fail(f"{where}.criterion", f"must be one of {list(CRITERIA)}", edit.get("criterion"))
-    ts = edit.get("thresholds")
-    if not isinstance(ts, list) or len(ts) != len(exits):
-        raise _fail(f"{where}.thresholds", f"must be a list of {len(exits)} entries", ts)
-    for i, t in enumerate(ts):
-        ok = t is None or (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0)
-        if not ok:
-            raise _fail(f"{where}.thresholds[{i}]", "must be null or a number in [0, 1]", t)
-    out = edit.get("output")
-    if out is not None and not (isinstance(out, str) and _NAME.fullmatch(out)):
-        raise _fail(f"{where}.output", "must be null or an output field name", out)
-    return edit
+        raise FormatError(f"{where}: must be an object, got {edit!r:.60}")
+    fields = EDIT_SCHEMA({k: v for k, v in edit.items() if k != "kind"}, where)
+    _check_across(fields, where)
+    return {"kind": EDIT_KIND, **fields}
 
 
-def _check_exit(e: Any, where: str) -> None:
-    if not isinstance(e, dict) or set(e) != {"point", "head"}:
-        raise _fail(where, "must be an object with exactly 'point' and 'head'", e)
-    if not isinstance(e["point"], str) or not _NAME.fullmatch(e["point"]):
-        raise _fail(f"{where}.point", "must be a module name", e["point"])
-    head = e["head"]
-    if not isinstance(head, dict):
-        raise _fail(f"{where}.head", "must be an object", head)
-    need = {"kind", "in_features", "num_classes", "hidden"} | ({"pool"} if "pool" in head else set())
-    if set(head) != need:
-        raise _fail(f"{where}.head", f"must have exactly the fields {sorted(need)}", sorted(head))
-    for key in sorted(need):
-        v = head[key]
-        if key == "kind":
-            if v not in ("pool_linear", "conv_pool_linear", "linear", "cls_linear"):
-                raise _fail(f"{where}.head.kind", "must be a head kind", v)
-        elif not isinstance(v, int) or isinstance(v, bool) or not (key == "hidden" or v >= 1) \
-                or not 0 <= v <= _LIMITS[key]:
-            raise _fail(f"{where}.head.{key}", f"must be an integer in [0, {_LIMITS[key]}]", v)
-    if head["kind"] in ("pool_linear", "conv_pool_linear") and "pool" not in head:
-        raise FormatError(f"{where}.head: missing field 'pool'")
-    if head["kind"] == "conv_pool_linear" and head["hidden"] < 1:
-        raise _fail(f"{where}.head.hidden", "must be >= 1 for conv_pool_linear", head["hidden"])
+def _check_across(edit: dict[str, Any], where: str) -> None:
+    if len(edit["thresholds"]) != len(edit["exits"]):
+        raise FormatError(f"{where}.thresholds: must have one entry per exit ({len(edit['exits'])}), "
+                          f"got {len(edit['thresholds'])}")
+    for i, e in enumerate(edit["exits"]):
+        head = e["head"]
+        pooled = head["kind"] in ("pool_linear", "conv_pool_linear")
+        if pooled != ("pool" in head):
+            raise FormatError(f"{where}.exits[{i}].head.pool: {'required' if pooled else 'not allowed'} "
+                              f"for kind {head['kind']!r}")
+        if head["kind"] == "conv_pool_linear" and head["hidden"] < 1:
+            raise FormatError(f"{where}.exits[{i}].head.hidden: must be >= 1 for conv_pool_linear")
 
 
-@register_edit(EDIT_KIND)
+@register_edit(EDIT_KIND, schema=EDIT_SCHEMA)
 def replay_exits(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
-    """Rebuild the exits recorded by :func:`add_exits` on a freshly built base model."""
-    edit = check_exit_edit(edit)
+    """Rebuild the exits recorded by :func:`add_exits` on a freshly built base model (``edit``
+    already checked against :data:`EDIT_SCHEMA`)."""
+    _check_across(edit, "edit")
     points = [e["point"] for e in edit["exits"]]
     for i, p in enumerate(points):
         try:
