@@ -171,7 +171,8 @@ def main() -> None:
     out_path = RESULTS / "early_exit.json"
     payload: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
     payload.pop("machine", None)
-    payload["command"] = "python bench/early_exit.py " + " ".join(sys.argv[1:])
+    command = "python bench/early_exit.py " + " ".join(sys.argv[1:])
+    payload.setdefault("commands", {})[args.only or "all"] = command
     parts = {"lenet5": lenet5, "resnet_small": resnet_small}
     if args.only == "onnx":
         from early_exit_onnx import onnx_part
