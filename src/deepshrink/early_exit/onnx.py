@@ -33,6 +33,8 @@ from deepshrink.fileio import atomic_write_text
 from deepshrink.modeling import eval_mode
 
 MANIFEST = "exits.json"
+_QOPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulIntegerToFloat",
+         "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv", "MatMulInteger"}
 
 
 class _Tracer(torch.fx.Tracer):
@@ -239,15 +241,18 @@ def export_exits_onnx(model: MultiExitModel, directory: str | Path, example: tor
         stage = _stage_model(seg, heads[i] if i < len(heads) else None, i)
         files.append(f"stage{i}.onnx")
         _write(directory / files[-1], stage.SerializeToString())
-    # The If graph is built from pieces ONNX Runtime has already optimized (fused int8 kernels):
-    # ORT 1.32's optimizer aborts the process on int8 QDQ nodes inside If branches, so the
-    # composed graph is then loaded with optimization off (see OrtExitModel).
-    if_model = _if_graph([_ort_optimized(p) for p in segs], [_ort_optimized(p) for p in heads],
-                         model.thresholds, model.criterion, num_classes)
+    # ORT 1.32's optimizer aborts the process on int8 QDQ nodes inside If branches: an int8 If
+    # graph is composed from pieces ORT has already optimized and then loaded with optimization
+    # off; a float one is composed from the raw pieces and optimized whole when loaded.
+    quantized = any(n.op_type in _QOPS for p in segs + heads for n in p.graph.node)
+    pieces = ([_ort_optimized(p) for p in segs], [_ort_optimized(p) for p in heads]) if quantized \
+        else (segs, heads)
+    if_model = _if_graph(*pieces, model.thresholds, model.criterion, num_classes)
     onnx.checker.check_model(if_model)
     _write(directory / "ifgraph.onnx", if_model.SerializeToString())
     manifest = {"format": "deepshrink-early-exit-onnx", "version": 1, "stages": files,
-                "ifgraph": "ifgraph.onnx", "thresholds": model.thresholds, "criterion": model.criterion,
+                "ifgraph": "ifgraph.onnx", "ifgraph_optimize": not quantized,
+                "thresholds": model.thresholds, "criterion": model.criterion,
                 "points": model.points, "num_classes": num_classes}
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
     return directory / MANIFEST
@@ -312,7 +317,8 @@ class OrtExitModel:
             raise ModelError(f"mode must be 'segments' or 'if', got {mode!r}")
         self.mode, self.thresholds, self.criterion = mode, m["thresholds"], m["criterion"]
         if mode == "if":
-            self.graph = OrtModel(directory / "ifgraph.onnx", threads=threads, optimize=False)
+            self.graph = OrtModel(directory / "ifgraph.onnx", threads=threads,
+                                  optimize=m.get("ifgraph_optimize") is True)
         else:
             self.stages = [OrtModel(directory / s, threads=threads).session for s in m["stages"]]
 
