@@ -31,6 +31,7 @@ from torch import nn
 from deepshrink.errors import FormatError, ModelError, OutputError
 from deepshrink.fileio import atomic_path
 from deepshrink.models import ModelSpec, build_checked, spec_of
+from deepshrink.models.hf import is_pretrained_dir, load_pretrained_dir
 
 META_KEY = "deepshrink"
 FORMAT_VERSION = 1
@@ -224,15 +225,53 @@ def _is_safetensors(head: bytes, path: Path) -> bool:
 register_loader("safetensors", _is_safetensors, load_safetensors)
 
 
+def _is_torch_save(head: bytes, path: Path) -> bool:
+    return head[:4] == b"PK\x03\x04"  # torch.save's zip container
+
+
+def load_state_dict_file(path: Path, model: nn.Module | None = None, *, trust: Iterable[str] = ()
+                         ) -> nn.Module:
+    """Weights saved with ``torch.save(model.state_dict(), path)`` into ``model``. Read with
+    torch's restricted ``weights_only`` loader (tensors and plain containers, no code)."""
+    if model is None:
+        raise ModelError(f"{path} is a state_dict file: it holds weights, not an architecture",
+                         hint="pass model=... (on the command line: --model NAME or module:callable)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError for refused or bad files
+        raise FormatError(f"{path}: not a readable weights-only torch file: {str(exc)[:200]}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]  # the common {"state_dict": ..., "epoch": ...} training checkpoint
+    if not (isinstance(sd, dict) and sd and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in sd.items())):
+        raise FormatError(f"{path}: expected a dict of name -> tensor (a state_dict)")
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+              if k in own and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected or shapes:
+        raise ModelError(f"{path}: weights do not match the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shapes file vs model {shapes[:3]})")
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+register_loader("torch-state-dict", _is_torch_save, load_state_dict_file)
+
+
 def load(path: str | Path, model: nn.Module | None = None, *, trust: Iterable[str] = ()) -> nn.Module:
-    """Rebuild a model from any file deepshrink wrote (safetensors checkpoint, .dsz, ...).
+    """Rebuild a model from any file deepshrink wrote (safetensors checkpoint, .dsz, .onnx), a
+    `transformers` ``save_pretrained`` folder, or a ``torch.save`` state_dict (with ``model``).
 
     With ``model``, only its weights are read from the file. ``trust`` lists module-name
     prefixes whose ``module:callable`` architectures the file may name (default: none, only
     registered models and ``transformers`` classes)."""
     path = Path(path)
+    if is_pretrained_dir(path):
+        return load_pretrained_dir(path)
     if not path.is_file():
-        raise FormatError(f"{path}: no such file")
+        raise FormatError(f"{path}: no such file" if not path.is_dir() else
+                          f"{path}: a folder without config.json (not a save_pretrained folder)")
     trust = tuple(trust) if not isinstance(trust, str) else (trust,)
     with path.open("rb") as f:
         head = f.read(16)

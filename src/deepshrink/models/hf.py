@@ -12,15 +12,17 @@ call anything else. :func:`hf_spec` records any such model (e.g. from ``from_pre
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deepshrink.errors import ModelError
-from deepshrink.models.registry import ModelSpec, register_model
+from deepshrink.errors import FormatError, ModelError
+from deepshrink.models.registry import ModelSpec, register_model, set_spec
 from deepshrink.models.schema import Int, Json, Obj, Str
 
 # Config keys that make transformers fetch or run code from elsewhere.
@@ -101,3 +103,60 @@ def hf_spec(model: nn.Module) -> ModelSpec | None:
         raise ModelError(f"{cls.__name__} is not a class of the transformers package, so a file "
                          "cannot name it", hint="register a factory with deepshrink.models.register_model")
     return ModelSpec("hf", {"arch": cls.__name__, "config": hf_config_dict(model)})
+
+
+# -- save_pretrained folders: in and out ------------------------------------------------------
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def is_pretrained_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_pretrained_dir(path: Path) -> nn.Module:
+    """A `transformers` ``save_pretrained`` folder, read without running anything it names.
+
+    The class comes from the config's ``architectures`` and must be one transformers itself
+    exports; weights are read from ``model.safetensors`` only (never a pickled ``.bin``); no
+    remote code, no download. The model is tagged with its ``hf`` spec, so ``deepshrink.save``
+    stores it rebuildably.
+    """
+    tf = _transformers()
+    cfg_path = path / "config.json"
+    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise FormatError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{cfg_path}: not valid JSON ({exc})") from None
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if not (isinstance(archs, list) and archs and isinstance(archs[0], str)):
+        raise FormatError(f"{cfg_path}: no 'architectures' list naming the model class")
+    if any(k in config for k in _REFUSED_KEYS):
+        raise FormatError(f"{cfg_path}: names remote code ({[k for k in _REFUSED_KEYS if k in config]})",
+                          hint="deepshrink loads only transformers' own classes")
+    if not any(path.glob("model*.safetensors")):
+        raise FormatError(f"{path}: no model.safetensors (pickled .bin weights are not read)",
+                          hint="re-save with save_pretrained(..., safe_serialization=True)")
+    try:
+        cls = _model_class(tf, archs[0])
+    except ModelError as exc:
+        raise FormatError(f"{cfg_path}: {exc.args[0]}") from None
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                    trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise FormatError(f"{path}: transformers could not load it: {str(exc)[:300]}") from None
+    model.eval()
+    set_spec(model, hf_spec(model))
+    return model
+
+
+def save_pretrained_dir(model: nn.Module, path: Path) -> Path:
+    """Write a transformers model (also pruned: its config carries the new sizes) as a
+    ``save_pretrained`` folder with safetensors weights."""
+    if hf_spec(model) is None:
+        raise ModelError(f"{type(model).__name__} is not a transformers model: it has no "
+                         "save_pretrained form", hint="save it as .safetensors, .onnx or .dsz")
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
