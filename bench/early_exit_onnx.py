@@ -37,7 +37,7 @@ def one_model(name: str, data: Any, args: Any, tmp: Path) -> dict[str, Any]:
     runners["ort exits: if-graph"] = OrtExitModel(tmp / "fp32", mode="if")
     q = copy.deepcopy(multi)
     with q.all_heads():
-        quantize(q, PTQConfig(mode="static", bits=8), data)
+        quantize(q, PTQConfig(mode="static", bits=8), calibration=data)
     export_exits_onnx(q, tmp / "int8", example)
     runners["ort int8 exits: segments"] = OrtExitModel(tmp / "int8")
     runners["ort int8 exits: if-graph"] = OrtExitModel(tmp / "int8", mode="if")

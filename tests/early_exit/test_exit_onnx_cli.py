@@ -60,7 +60,7 @@ def test_int8_composes_with_exits(kit, tmp_path):
     multi = add_exits(model, ExitConfig(), example_inputs=x).eval()
     multi.set_policy(_gap_thresholds(multi, x))
     with multi.all_heads():  # every layer, heads included, sees calibration data
-        q = quantize(multi, PTQConfig(mode="static", bits=8), [x])
+        q = quantize(multi, PTQConfig(mode="static", bits=8), calibration=[x])
     with torch.no_grad():
         ref, got = multi.run(x), q.run(x)
     assert (ref.exits == got.exits).float().mean() > 0.9
