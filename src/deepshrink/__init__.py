@@ -3,6 +3,7 @@
 # The formats and families register their file loaders and edit replayers where they are
 # defined; importing them here makes registration happen on `import deepshrink`.
 from deepshrink import dsz as dsz
+from deepshrink import early_exit as early_exit
 from deepshrink import pruning as pruning
 from deepshrink import quantization as quantization
 from deepshrink import redesign as redesign

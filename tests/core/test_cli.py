@@ -54,7 +54,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert base["top1"] >= 0.9
     assert base["bytes"] == (tmp_path / "baseline.safetensors").stat().st_size
     for row in rows[1:]:
-        assert row["bytes"] < base["bytes"], row["stage"]  # every technique makes the file smaller
+        if not row["stage"].startswith("early exits"):  # exit heads add bytes: they trade size for MACs
+            assert row["bytes"] < base["bytes"], row["stage"]  # every technique makes the file smaller
         assert row["drop_pt"] <= 5.0, row["stage"]
         # a ratio whose spread overlaps 1.0 is shown as noise, never as a misleading number
         assert row["speedup@b1"] == "~1 (noise)" or row["speedup@b1"] > 0

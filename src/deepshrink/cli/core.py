@@ -79,15 +79,20 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Top-1/top-5 accuracy of a saved model on a held-out split."""
+        from deepshrink.cli.early_exit import exit_summary, print_exit_summary
+
         net = load(path)
         bundle = load_dataset(data, data_dir)
         check_inputs(net, first_images(bundle, split), f"{bundle.name} images")
         res = evaluate(net, bundle.loader(split, 512))
+        exits = exit_summary(net, bundle.loader(split, 512))  # multi-exit: shares, mean MACs
         if as_json:
-            emit_json({"path": str(path), "split": split, **res})
+            emit_json({"path": str(path), "split": split, **res, **({"exits": exits} if exits else {})})
         else:
             out.print(f"{path}: {split} top-1 {100 * res['top1']:.2f}%  top-5 "
                       f"{100 * res['top5']:.2f}%  (n={res['n']})")
+            if exits:
+                print_exit_summary(exits)
 
     @app.command("info")
     @friendly_errors
@@ -103,6 +108,7 @@ def register(app: typer.Typer) -> None:
         check_inputs(net, torch.rand(1, *shape), "--input-shape inputs")
         rep = measure_model(net, torch.rand(1, *shape), name=path.name, file=path,
                             latency_batches=(1, 256) if latency else ())
+        from deepshrink.cli.early_exit import exit_summary, print_exit_summary
         from deepshrink.dsz import dsz_info, is_dsz  # .dsz files also show their sections
         from deepshrink.models import get_spec
         from deepshrink.redesign import rewritten_layers  # low-rank / separable layers and ranks
@@ -110,9 +116,11 @@ def register(app: typer.Typer) -> None:
         with path.open("rb") as f:
             dsz = dsz_info(path) if is_dsz(f.read(8)) else None
         rewrites = rewritten_layers(get_spec(net))
+        exits = exit_summary(net, path=path)
         if as_json:
-            emit_json({**rep.to_dict(), **({"dsz": dsz} if dsz else {}),
-                       **({"rewritten": rewrites} if rewrites else {})})
+            extra = {**({"dsz": dsz} if dsz else {}), **({"exits": exits} if exits else {}),
+                     **({"rewritten": rewrites} if rewrites else {})}
+            emit_json({**rep.to_dict(), **extra})
         else:
             rep.summary_table().print(out)
             rep.layer_table().print(out)
@@ -120,6 +128,8 @@ def register(app: typer.Typer) -> None:
                 from deepshrink.cli.redesign import print_rewrites
 
                 print_rewrites(rewrites)
+            if exits:
+                print_exit_summary(exits)
             if dsz:
                 from deepshrink.cli.compress import print_dsz_info
 

@@ -17,7 +17,7 @@ import torch
 
 from deepshrink.checkpoint import save
 from deepshrink.data import load_digits
-from deepshrink.demo import channels, distill, quantization, redesign, sharing, unstructured
+from deepshrink.demo import channels, distill, early_exit, quantization, redesign, sharing, unstructured
 from deepshrink.demo.context import DemoContext
 from deepshrink.measure import ModelReport, ResultTable, compare_latency, speedup
 from deepshrink.models import create_model
@@ -34,6 +34,7 @@ STAGES: list[Stage] = [
     distill.demo_stage,
     redesign.demo_stage,
     quantization.demo_stage,
+    early_exit.demo_stage,
 ]
 
 
