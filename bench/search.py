@@ -73,7 +73,7 @@ def run_part(part: str, data: Any, work: Path, ref: dict[str, Any]) -> dict[str,
     ckpt = RESULTS / f"{name}.safetensors"
     budget = ref[name]["budget_cpu_seconds"] if objective == "size" else LATENCY_BUDGET
     cfg = SearchConfig(objective=objective, max_drop=0.5, time_budget=budget, budget_clock="cpu",
-                       candidates=9 if objective == "size" else 8, rungs=3 if objective == "size" else 2)
+                       candidates=8, rungs=3 if objective == "size" else 2)
     w0, c0 = time.perf_counter(), time.process_time()
     res = search(load(ckpt), data, cfg, work / part, model_file=ckpt,
                  command=f"python bench/search.py --only {part}")

@@ -50,7 +50,7 @@ from deepshrink.workflow.recipe import machine_info, parse_recipe, run_recipe
 OBJECTIVES = ("size", "latency", "macs")
 SENS_RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 # Fine-tune budget per rung: (pruning rounds, epochs per round, epochs after sharing / channels).
-RUNG_BUDGET = ((2, 1, 1), (3, 2, 2), (5, 3, 4), (6, 4, 6))
+RUNG_BUDGET = ((2, 1, 1), (3, 2, 2), (6, 4, 6), (8, 4, 8))
 
 
 @dataclasses.dataclass
@@ -65,8 +65,8 @@ class SearchConfig(Config):
     # "wall", or "cpu": this process's CPU seconds (with one thread, the wall time the search
     # would take on an idle machine; fair budgets on a machine shared with other jobs)
     budget_clock: str = "wall"
-    candidates: int = 9  # drawn for rung 0
-    eta: int = 3
+    candidates: int = 8  # drawn for rung 0
+    eta: int = 2  # each rung keeps the best 1/eta and gives them eta-fold (or more) fine-tuning
     rungs: int = 3
     epochs_scale: float = 1.0  # multiplies every fine-tune's epochs (rounded, at least 1)
     lr: float = 1e-3
@@ -304,6 +304,25 @@ def _trial(knobs: dict[str, Any], rung: int, cfg: SearchConfig, state: SearchSta
     return rec
 
 
+def _estimate(state: SearchState, rung: int) -> float:
+    """Expected budget-clock seconds of the next trial at ``rung``: the mean of that rung's
+    trials so far, else the previous rung's scaled by the fine-tuning epochs."""
+    def mean(r: int) -> float | None:
+        secs = [t["clock_seconds"] for t in state.data["trials"].values()
+                if t["rung"] == r and "clock_seconds" in t]
+        return sum(secs) / len(secs) if secs else None
+
+    def epochs(r: int) -> int:
+        rounds, ep, ep2 = RUNG_BUDGET[r]
+        return rounds * ep + ep2
+
+    for r in range(rung, -1, -1):
+        m = mean(r)
+        if m is not None:
+            return m * epochs(rung) / epochs(r)
+    return 0.0
+
+
 def _ort(path: Path) -> Any:
     from deepshrink.quantization import OrtModel
 
@@ -340,15 +359,17 @@ def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: st
         log(f"rung {rung}: {len(pool)} candidate(s), budget {RUNG_BUDGET[rung]}")
         rung_trials = []
         for i, knobs in enumerate(pool):
-            if config.time_budget is not None and elapsed() > config.time_budget:
-                stopped = f"time budget of {config.time_budget:.0f} s spent"
+            if config.time_budget is not None and elapsed() + _estimate(state, rung) > config.time_budget:
+                stopped = f"time budget of {config.time_budget:.0f} s spent (next trial would not fit)"
                 break
             if max_trials is not None and new >= max_trials:
                 stopped = f"stopped after {max_trials} new trial(s)"
                 break
             log(f"[trial {i + 1}/{len(pool)}, rung {rung}, {elapsed():.0f} s]")
             known = knob_key(knobs) in {t["knobs"] for t in state.data["trials"].values() if t["rung"] == rung}
+            c0 = elapsed()
             rec = _trial(knobs, rung, config, state, model, data, out, str(model_file), log)
+            rec.setdefault("clock_seconds", elapsed() - c0)
             new += 0 if known else 1
             state.data["trials"][rec["trial"]] = rec
             state.data["elapsed"] = elapsed()
@@ -356,7 +377,9 @@ def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: st
             rung_trials.append(rec)
         if stopped or rung + 1 == config.rungs:
             break
-        slack = config.max_drop * (config.rungs - 1 - rung)  # early rungs fine-tune less
+        # Early rungs fine-tune less, so accuracy recovers later: be lenient there, or only the
+        # lightly compressed candidates survive (the low-fidelity bias of successive halving).
+        slack = (config.rungs - 1 - rung) * max(1.25, 2 * config.max_drop)
         ranked = sorted(rung_trials, key=lambda t: _score(t, config, slack))
         pool = [t["knob_values"] for t in ranked[: max(1, len(ranked) // config.eta)]]
     if stopped:
