@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from deepshrink.errors import ConfigError
 
 C = TypeVar("C", bound="Config")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -120,3 +123,36 @@ def check(condition: bool, cls_name: str, field: str, message: str) -> None:
     """Raise a ConfigError of the form ``ChannelConfig.ratio: must be in [0, 1), got 1.5``."""
     if not condition:
         raise ConfigError(f"{cls_name}.{field}: {message}")
+
+
+# -- the layer-selection vocabulary shared by every config ------------------------------------
+# ``ignore``: module names (regular expressions, full match) a technique leaves alone.
+# ``overrides``: module-name regex -> the value to use for those modules instead of the default.
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """True when module ``name`` equals or fully matches (as a regex) one of ``patterns``."""
+    return any(name == p or re.fullmatch(p, name) for p in patterns)
+
+
+def override_for(name: str, overrides: Mapping[str, T], default: T) -> T:
+    """The value of the first pattern in ``overrides`` that matches ``name``, else ``default``."""
+    for pattern, value in overrides.items():
+        if name_matches(name, (pattern,)):
+            return value
+    return default
+
+
+def check_patterns(cls_name: str, field: str, patterns: Iterable[str]) -> None:
+    """ConfigError naming the field when a pattern is not a string or not a valid regex."""
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ConfigError(f"{cls_name}.{field}: module-name patterns are strings, got {p!r}")
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"{cls_name}.{field}: {p!r} is not a valid regular expression ({e})") from None
+
+
+def unmatched_patterns(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The patterns that match none of ``names`` (a typo in ``ignore`` or ``overrides``)."""
+    names = list(names)
+    return [p for p in patterns if not any(name_matches(n, (p,)) for n in names)]

@@ -49,6 +49,7 @@ __all__ = [
     "select",
     "set_submodule",
     "split_batch",
+    "tile",
     "to_device",
 ]
 
@@ -134,6 +135,20 @@ def select(inputs: Inputs, index: Any) -> Inputs:
     if isinstance(inputs, Mapping):
         return {k: None if v is None else v[index] for k, v in inputs.items()}
     raise DataError(f"cannot index inputs of type {type(inputs).__name__}")
+
+
+def tile(inputs: Inputs, n: int) -> Inputs:
+    """A batch of ``n`` copies of the first row of ``inputs`` (for timing at a batch size)."""
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t[:1].expand(n, *t.shape[1:]).contiguous()
+
+    if isinstance(inputs, torch.Tensor):
+        return rep(inputs)
+    if isinstance(inputs, tuple):
+        return tuple(None if t is None else rep(t) for t in inputs)
+    if isinstance(inputs, Mapping):
+        return {k: None if v is None else rep(v) for k, v in inputs.items()}
+    raise DataError(f"cannot tile inputs of type {type(inputs).__name__}")
 
 
 def to_device(inputs: Any, device: torch.device | str) -> Any:

@@ -55,3 +55,20 @@ def test_override_ignores_none_and_validates():
     assert c.override(epochs=None, lr=0.5) == TrainConfig(epochs=3, lr=0.5)
     with pytest.raises(ConfigError, match="TrainConfig.lr"):
         c.override(lr=-1.0)
+
+
+def test_layer_selection_vocabulary() -> None:
+    """``ignore`` / ``overrides`` patterns: regex full match on module names, first match wins."""
+    import pytest
+
+    from deepshrink.config import check_patterns, name_matches, override_for, unmatched_patterns
+    from deepshrink.errors import ConfigError
+
+    assert name_matches("encoder.layer.3.attention", [r"encoder\.layer\.\d+\.attention"])
+    assert not name_matches("encoder.layer.3.attention.out", [r"encoder\.layer\.\d+\.attention"])
+    assert name_matches("fc", ["fc"]) and not name_matches("fc2", ["fc"])
+    assert override_for("features.3", {r"features\..*": 8, ".*": 4}, 2) == 8
+    assert override_for("head", {r"features\..*": 8}, 2) == 2
+    assert unmatched_patterns(["a.b", "c"], ["a\\..*", "zzz"]) == ["zzz"]
+    with pytest.raises(ConfigError, match=r"X.ignore: '\(' is not a valid regular expression"):
+        check_patterns("X", "ignore", ["("])

@@ -96,3 +96,49 @@ def test_modules_can_report_macs_the_counter_cannot_see():
 
     total, per = count_macs(nn.Sequential(nn.Linear(5, 4), Sparse()), torch.rand(2, 5))
     assert per["1"] == 14 and total == 2 * 5 * 4 + 14
+
+
+def test_measure_model_takes_tuple_and_dict_inputs() -> None:
+    """A model called with keyword tensors (tokenizer output) or positional tensors is measured
+    like one called with a single tensor: same MACs, one latency entry per batch size."""
+    from deepshrink.measure import measure_model
+
+    class Kw(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.emb(input_ids) * attention_mask[..., None]
+            return {"last_hidden_state": self.fc(h)}
+
+    m = Kw()
+    ids = torch.randint(0, 50, (3, 7))
+    d = measure_model(m, {"input_ids": ids, "attention_mask": torch.ones(3, 7)}, latency_batches=(2,),
+                      latency_kw={"repeats": 2, "warmup": 0, "min_time_s": 0})
+    t = measure_model(m, (ids, torch.ones(3, 7)), latency_batches=(2,),
+                      latency_kw={"repeats": 2, "warmup": 0, "min_time_s": 0})
+    assert d.macs == t.macs == 7 * 16 * 4  # one row: 7 tokens through the 16->4 projection
+    assert d.latency[2].batch == t.latency[2].batch == 2
+
+
+def test_speedup_carries_its_spread_and_flags_overlap() -> None:
+    from deepshrink.measure import Latency, speedup
+
+    def lat(p10: float, med: float, p90: float) -> Latency:
+        return Latency(batch=1, median_ms=med, p10_ms=p10, p90_ms=p90, mean_ms=med, stdev_ms=0.0,
+                       repeats=10, threads=1)
+
+    clear = speedup(lat(9, 10, 11), lat(4, 5, 6))
+    assert clear.ratio == 2.0 and clear.low == 1.5 and clear.high == 11 / 4
+    assert not clear.overlaps_one and "overlaps" not in str(clear)
+    noisy = speedup(lat(5, 10, 20), lat(8, 9, 12))
+    assert noisy.overlaps_one and "overlaps 1.0" in str(noisy)
+
+
+def test_size_change_never_says_smaller_for_a_larger_file() -> None:
+    from deepshrink.measure import size_change
+
+    assert size_change(400, 100) == "4.00x smaller"
+    assert size_change(100, 125) == "1.25x larger"

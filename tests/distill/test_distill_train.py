@@ -68,7 +68,8 @@ def test_gradient_does_not_reach_teacher(data: DataBundle, teacher: nn.Module) -
     teacher.train()  # the teacher must run in eval mode anyway, and be left as it was found
     student = _student()
     s_before = [p.detach().clone() for p in student.parameters()]
-    distill(student, teacher, data, KDConfig(cache=False), train_config=_quick(max_steps=3))
+    distill(student, KDConfig(cache=False), teacher=teacher, data=data,
+            train_config=_quick(max_steps=3))
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.requires_grad for p in teacher.parameters())  # not frozen in place
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
@@ -102,7 +103,9 @@ def test_distill_improves_agreement_with_teacher(data: DataBundle, teacher: nn.M
     x = data.test.tensors[0]
     student = _student()
     before = _agreement(student, teacher, x)
-    distill(student, teacher, data, KDConfig(temperature=4.0, alpha=0.9), train_config=_quick(epochs=15))
+    res = distill(student, KDConfig(temperature=4.0, alpha=0.9), teacher=teacher, data=data,
+                  train_config=_quick(epochs=15))
+    assert res.model is student and len(res.train.history) == 15  # one row per epoch
     after = _agreement(student, teacher, x)
     assert before < 0.3 and after > 0.85, (before, after)
 
@@ -111,7 +114,7 @@ def test_ensemble_teacher_with_weights(data: DataBundle, teacher: nn.Module) -> 
     weak = _student(seed=7, hidden=8)
     student = _student()
     cfg = KDConfig(combine="probs", weights=(1.0, 0.0))  # the zero-weighted random model is ignored
-    distill(student, [teacher, weak], data, cfg, train_config=_quick(epochs=15))
+    distill(student, cfg, teacher=[teacher, weak], data=data, train_config=_quick(epochs=15))
     assert _agreement(student, teacher, data.test.tensors[0]) > 0.85
     with pytest.raises(ConfigError, match=r"KDConfig\.weights"):
         Distiller(student, [teacher, weak], KDConfig(weights=(1.0, 1.0, 1.0)))
@@ -122,16 +125,17 @@ def test_masked_student_keeps_its_mask(data: DataBundle, teacher: nn.Module) -> 
     student = _student(hidden=32)
     prune.l1_unstructured(student[2], "weight", amount=0.5)
     mask = student[2].weight_mask.clone()
-    distill(student, teacher, data, KDConfig(), train_config=_quick(epochs=15))
+    distill(student, KDConfig(), teacher=teacher, data=data, train_config=_quick(epochs=15))
     assert int(mask.sum()) == mask.numel() // 2 and bool((student[2].weight[mask == 0] == 0).all())
     assert _agreement(student, teacher, data.test.tensors[0]) > 0.8
 
 
 def test_cache_refuses_augmentation(data: DataBundle, teacher: nn.Module) -> None:
     with pytest.raises(ConfigError, match=r"TrainConfig\.augment"):
-        distill(_student(), teacher, data, KDConfig(cache=True), train_config=_quick(augment="shift"))
+        distill(_student(), KDConfig(cache=True), teacher=teacher, data=data,
+                train_config=_quick(augment="shift"))
     # live teacher: each augmented batch gets its own soft targets
-    distill(_student(), teacher, data, KDConfig(cache=False),
+    distill(_student(), KDConfig(cache=False), teacher=teacher, data=data,
             train_config=_quick(augment="shift", max_steps=2))
 
 
@@ -162,10 +166,12 @@ def test_hint_loss_decreases_and_adapter_learns(data: DataBundle, teacher: nn.Mo
 
 def test_hints_with_cached_features(data: DataBundle, teacher: nn.Module) -> None:
     student = _student()
-    distill(student, teacher, data, KDConfig(hints={"3": "5"}, cache=True), train_config=_quick(max_steps=3))
+    distill(student, KDConfig(hints={"3": "5"}, cache=True), teacher=teacher, data=data,
+            train_config=_quick(max_steps=3))
     cached = cache_teacher_outputs(teacher, data.val)  # logits only, no features
     with pytest.raises(ModelError, match="hint"):
-        distill(student, teacher, cached, KDConfig(hints={"3": "5"}), train_config=_quick(max_steps=1))
+        distill(student, KDConfig(hints={"3": "5"}), teacher=teacher, data=cached,
+                train_config=_quick(max_steps=1))
 
 
 def test_unknown_hint_module_is_named(teacher: nn.Module) -> None:

@@ -47,7 +47,10 @@ def test_compress_stage_table(trained: tuple[torch.nn.Module, Path], tmp_path: P
     rows = res.table.rows
     assert [r["stage"].split(" ")[0] for r in rows] == ["baseline", "pruned", "+", "+", "+"]
     sizes = [r["bytes"] for r in rows]
-    assert sizes[0] > sizes[1] > sizes[2] >= sizes[3] > sizes[4]  # each stage saves bytes
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[4]  # each stage saves bytes
+    # Centroid fine-tuning moves codebook values, not assignments: the stored size may differ by
+    # the compression of a few changed codebook bytes only.
+    assert abs(sizes[3] - sizes[2]) <= 0.01 * sizes[2]
     assert sizes[4] == (tmp_path / "out.dsz").stat().st_size
     assert rows[4]["ratio"] > 15 and rows[4]["top1"] > 0.8
     assert len(list((tmp_path / "stages").glob("*.dsz"))) == 3
@@ -95,17 +98,6 @@ def test_cli_compress_json(trained: tuple[torch.nn.Module, Path], tmp_path: Path
     assert r.exit_code == 2 and "sparsity" in r.output
 
 
-def test_demo_stage(tmp_path: Path) -> None:
-    from deepshrink.demo import run_demo
-
-    table = run_demo(tmp_path, quick=True, progress=False,
-                     stages=["deepshrink.sharing.demo:demo_stage"])
-    row = table.rows[-1]
-    assert row["stage"].endswith("(.dsz)")
-    assert row["bytes"] == (tmp_path / "model.dsz").stat().st_size
-    assert row["size_ratio"] > 15 and row["drop_pt"] < 3
-
-
 def test_self_distill_replaces_the_loss() -> None:
     from deepshrink.distill import kd_loss
     from deepshrink.sharing.pipeline import SelfDistill
@@ -118,3 +110,20 @@ def test_self_distill_replaces_the_loss() -> None:
     got = cb.on_loss(state, torch.tensor(123.0))  # type: ignore[arg-type]
     want = kd_loss(student(x), teacher(x), y, temperature=3.0, alpha=0.6)["loss"]
     torch.testing.assert_close(got, want)
+
+
+def test_cli_options_revalidate_the_config() -> None:
+    """Command-line options go through Config.override, so a bad value fails validation there."""
+    import pytest
+
+    from deepshrink.cli.compress import compress_config
+    from deepshrink.errors import ConfigError
+
+    cfg = compress_config(CompressConfig(), sparsity=0.5, bits=3, conv_bits=None, epochs=2)
+    assert cfg.prune.ratio == 0.5 and cfg.sharing.bits == 3 and cfg.prune_train.epochs == 2
+    off = compress_config(CompressConfig(), sparsity=0.0, bits=None, conv_bits=None, epochs=None)
+    assert off.prune is None
+    with pytest.raises(ConfigError, match="bits"):
+        compress_config(CompressConfig(), sparsity=None, bits=99, conv_bits=None, epochs=None)
+    with pytest.raises(ConfigError, match="epochs"):
+        compress_config(CompressConfig(), sparsity=None, bits=None, conv_bits=None, epochs=-1)

@@ -11,6 +11,7 @@ import typer
 from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, out
 from deepshrink.errors import ConfigError
 from deepshrink.measure import ResultTable
+from deepshrink.sharing.pipeline import CompressConfig
 
 
 def print_dsz_info(info: dict[str, Any]) -> None:
@@ -24,6 +25,23 @@ def print_dsz_info(info: dict[str, Any]) -> None:
     ResultTable("sections", [{"section": s["section"], "codec": s["codec"], "offset": s["offset"],
                               "length": s["length"], "crc32": f"{s['crc32']:08x}"}
                              for s in info["sections"]]).print(out)
+
+
+def compress_config(cfg: CompressConfig, *, sparsity: float | None, bits: int | None,
+                    conv_bits: int | None, epochs: int | None) -> CompressConfig:
+    """``cfg`` with the command-line options applied, every part re-validated (no field is
+    assigned directly: each change goes through ``override``/``replace``, which run ``validate``)."""
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if sparsity == 0:
+        cfg = dataclasses.replace(cfg, prune=None)
+    elif sparsity is not None:
+        cfg = cfg.override(prune=(cfg.prune or CompressConfig().prune).override(ratio=sparsity))
+    cfg = cfg.override(sharing=cfg.sharing.override(bits=bits, conv_bits=conv_bits))
+    if epochs is not None:
+        cfg = cfg.override(prune_train=cfg.prune_train.override(epochs=epochs),
+                           finetune=cfg.finetune.override(epochs=epochs) if cfg.finetune else None)
+    return cfg
 
 
 def register(app: typer.Typer) -> None:
@@ -45,22 +63,10 @@ def register(app: typer.Typer) -> None:
         """Prune -> share (k-means) -> fine-tune centroids -> Huffman-code, with a stage table."""
         from deepshrink.checkpoint import load
         from deepshrink.data import load_dataset
-        from deepshrink.sharing.pipeline import CompressConfig, compress
+        from deepshrink.sharing.pipeline import compress
 
-        cfg = CompressConfig.from_file(config) if config else CompressConfig()
-        if sparsity is not None:
-            if not 0.0 <= sparsity < 1.0:
-                raise ConfigError(f"--sparsity must be in [0, 1), got {sparsity}")
-            cfg.prune = (dataclasses.replace(cfg.prune or CompressConfig().prune, ratio=sparsity)
-                         if sparsity > 0 else None)
-        if bits is not None or conv_bits is not None:
-            cfg.sharing = dataclasses.replace(
-                cfg.sharing, bits=bits if bits is not None else cfg.sharing.bits,
-                conv_bits=conv_bits if conv_bits is not None else cfg.sharing.conv_bits)
-        if epochs is not None:
-            cfg.prune_train = dataclasses.replace(cfg.prune_train, epochs=epochs)
-            if cfg.finetune is not None:
-                cfg.finetune = dataclasses.replace(cfg.finetune, epochs=epochs)
+        cfg = compress_config(CompressConfig.from_file(config) if config else CompressConfig(),
+                              sparsity=sparsity, bits=bits, conv_bits=conv_bits, epochs=epochs)
         model = load(path)
         bundle = load_dataset(data, data_dir)
         res = compress(model, bundle, cfg, output, stage_dir=stage_dir)

@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
 
             teacher_acc["ensemble"] = evaluate(
                 lambda x: teacher_log_probs(ens(x), 1.0, kd.combine, kd.weights), test_loader)["top1"]
-        distill(net, ens, bundle, kd, train_config=tc)
+        distill(net, kd, teacher=ens, data=bundle, train_config=tc)
         test = evaluate(net, test_loader)
         save(net, output, extra={"dataset": bundle.name, "distill": kd.to_dict(), "train": tc.to_dict(),
                                  "teachers": [str(p) for p in teacher], "test": test})

@@ -10,9 +10,12 @@ from deepshrink.data.datasets import (
     load_idx_dir,
 )
 from deepshrink.data.idx import parse_idx, read_idx, write_idx
+from deepshrink.data.record import DataRecord, data_record
 
 __all__ = [
     "DataBundle",
+    "DataRecord",
+    "data_record",
     "fashion_mnist_available",
     "fashion_mnist_dir",
     "load_dataset",

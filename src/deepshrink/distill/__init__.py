@@ -1,9 +1,9 @@
 """Knowledge distillation: KD loss, single / ensemble teachers with cached outputs, hints."""
 
-from deepshrink.distill.api import Distiller, KDConfig, distill
+from deepshrink.distill.api import Distiller, DistillResult, KDConfig, distill
 from deepshrink.distill.hints import HintAdapter, Hints
 from deepshrink.distill.loss import kd_loss, soft_loss, teacher_log_probs
 from deepshrink.distill.teachers import FeatureTap, Teacher, cache_teacher_outputs, transfer_loader
 
-__all__ = ["Distiller", "FeatureTap", "HintAdapter", "Hints", "KDConfig", "Teacher", "cache_teacher_outputs",
-           "distill", "kd_loss", "soft_loss", "teacher_log_probs", "transfer_loader"]
+__all__ = ["DistillResult", "Distiller", "FeatureTap", "HintAdapter", "Hints", "KDConfig", "Teacher",
+           "cache_teacher_outputs", "distill", "kd_loss", "soft_loss", "teacher_log_probs", "transfer_loader"]

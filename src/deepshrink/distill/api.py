@@ -1,5 +1,5 @@
-"""``distill(student, teacher, data, KDConfig(...))``: train a student on a teacher's soft
-targets through the shared loop :func:`deepshrink.train.train`.
+"""``distill(student, KDConfig(...), teacher=..., data=...)``: train a student on a teacher's
+soft targets through the shared loop :func:`deepshrink.train.train`.
 
 :class:`Distiller` is the plug: its :meth:`Distiller.loss_fn` is the loop's ``loss_fn`` (KD
 loss from cached or live teacher logits) and it is a :class:`~deepshrink.train.Callback` whose
@@ -160,18 +160,27 @@ class Distiller(Callback):
             self.close()
 
 
-def distill(student: nn.Module, teacher: Teacher | nn.Module | Sequence[nn.Module],
-            data: DataBundle | Dataset | DataLoader, config: KDConfig | None = None, *,
-            train_config: TrainConfig | None = None, callbacks: Iterable[Callback] = (),
-            val_loader: DataLoader | None = None) -> nn.Module:
+@dataclasses.dataclass
+class DistillResult:
+    """The distilled student (trained in place) and the shared loop's per-epoch history."""
+
+    model: nn.Module
+    train: TrainResult
+
+
+def distill(student: nn.Module, config: KDConfig | None = None, *,
+            teacher: Teacher | nn.Module | Sequence[nn.Module],
+            data: DataBundle | Dataset | DataLoader, train_config: TrainConfig | None = None,
+            callbacks: Iterable[Callback] = (), val_loader: DataLoader | None = None) -> DistillResult:
     """Distil ``teacher`` (a model, a list of models = ensemble, or a :class:`Teacher`) into
-    ``student``, trained in place and returned. The teacher is not modified.
+    ``student``, trained in place and returned in the result with its history. The teacher is
+    not modified.
 
     ``data``: a :class:`DataBundle` (train split = transfer set, val split for per-epoch
     validation), a Dataset of ``(x, y)`` or of ``(x, y, teacher_logits, *features)`` already
     cached, or a DataLoader (used as is). With ``config.cache`` the teacher runs once over the
     transfer set; ``train_config.augment`` must then be ``"none"``.
     """
-    Distiller(student, teacher, config).fit(student, data, train_config, callbacks=callbacks,
-                                            val_loader=val_loader)
-    return student
+    history = Distiller(student, teacher, config).fit(student, data, train_config, callbacks=callbacks,
+                                                      val_loader=val_loader)
+    return DistillResult(student, history)

@@ -24,18 +24,17 @@ from torch.utils.data import (
 )
 
 from deepshrink.errors import ModelError
-from deepshrink.train import logits_of
+from deepshrink.modeling import Inputs, call, eval_mode, output_tensor
 
 
 def _first_tensor(output: object, name: str) -> torch.Tensor:
     """A module's output as one tensor: itself, or the first element of a tuple / HF output."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "to_tuple"):  # transformers ModelOutput
+    if hasattr(output, "to_tuple"):  # transformers ModelOutput: its first field
         output = output.to_tuple()
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise ModelError(f"module {name!r} returns {type(output).__name__}, not a tensor to match")
+    try:
+        return output_tensor(output)
+    except ModelError:
+        raise ModelError(f"module {name!r} returns {type(output).__name__}, not a tensor to match") from None
 
 
 class FeatureTap:
@@ -73,7 +72,8 @@ class FeatureTap:
 
 
 class Teacher:
-    """One frozen model or an ensemble. ``teacher(x)`` -> stacked logits (N, K, C)."""
+    """One frozen model or an ensemble. ``teacher(inputs)`` -> stacked logits (N, K, C); inputs
+    are a tensor, a tuple of positional tensors or a dict of keyword tensors."""
 
     def __init__(self, models: nn.Module | Sequence[nn.Module]) -> None:
         members = [models] if isinstance(models, nn.Module) else list(models)
@@ -84,16 +84,12 @@ class Teacher:
     def __len__(self) -> int:
         return len(self.members)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Inputs) -> torch.Tensor:
         outs = []
         with torch.no_grad():
             for m in self.members:
-                was_training = m.training
-                m.eval()
-                try:
-                    outs.append(logits_of(m(x)).float())
-                finally:
-                    m.train(was_training)
+                with eval_mode(m):
+                    outs.append(output_tensor(call(m, x)).float())
         shapes = {tuple(o.shape) for o in outs}
         if len(shapes) != 1:
             raise ModelError(f"ensemble members disagree on output shape: {sorted(shapes)}")

@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from deepshrink.modeling import Inputs, as_inputs, call, eval_mode
+
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -88,8 +90,9 @@ def layer_stats(model: nn.Module, macs: dict[str, int] | None = None) -> list[La
     return rows
 
 
-def count_macs(model: nn.Module, example: torch.Tensor | tuple[Any, ...]) -> tuple[int, dict[str, int]]:
-    """Multiply-accumulates of one forward pass on ``example`` (whatever its batch size).
+def count_macs(model: nn.Module, example: Inputs) -> tuple[int, dict[str, int]]:
+    """Multiply-accumulates of one forward pass on ``example`` (whatever its batch size; a tensor,
+    a tuple of positional tensors or a dict of keyword tensors).
 
     Matrix products (Linear, Conv, attention's batched matmuls and fused attention) are counted at
     the operator level with torch's FlopCounterMode (FLOPs / 2), so functional matmuls inside
@@ -97,7 +100,7 @@ def count_macs(model: nn.Module, example: torch.Tensor | tuple[Any, ...]) -> tup
     scale-and-shift). Modules whose kernels the counter cannot see (sparse matmuls) report their
     own work through a ``count_macs(output) -> int`` method. Returns (total, per-module-name MACs).
     """
-    args = example if isinstance(example, tuple) else (example,)
+    example = as_inputs(example, "example")
     per_module: dict[str, int] = {}
     hooked_macs: dict[str, int] = {}
     hooks = []
@@ -110,16 +113,13 @@ def count_macs(model: nn.Module, example: torch.Tensor | tuple[Any, ...]) -> tup
             hooks.append(m.register_forward_hook(
                 lambda mod, inp, out, name=name: hooked_macs.__setitem__(
                     name, hooked_macs.get(name, 0) + out.numel())))
-    was_training = model.training
-    model.eval()
     counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), counter:
-            model(*args)
+        with eval_mode(model), torch.no_grad(), counter:
+            call(model, example)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     flops_by_module = counter.get_flop_counts()
     names = {type(model).__name__: ""}
     # FlopCounterMode names modules by their path under the root class name ("Sequential.1").

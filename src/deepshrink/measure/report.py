@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 from deepshrink.measure.counts import LayerStats, count_macs, count_params, layer_stats
 from deepshrink.measure.latency import Latency, measure_latency
 from deepshrink.measure.size import file_bytes, fp32_safetensors_bytes
+from deepshrink.modeling import Inputs, as_inputs, select, tile
+from deepshrink.train import evaluate
 
 
 @dataclasses.dataclass
@@ -68,21 +70,21 @@ class ModelReport:
         return ResultTable(f"{self.name}: summary", [row])
 
 
-def measure_model(model: nn.Module, example: torch.Tensor, *, name: str = "model",
+def measure_model(model: nn.Module, example: Inputs, *, name: str = "model",
                   loader: DataLoader | None = None, file: str | Path | None = None,
                   latency_batches: Sequence[int] = (1, 256),
                   runner: Callable[[torch.Tensor], Any] | None = None,
                   latency_kw: dict[str, Any] | None = None) -> ModelReport:
     """Measure params, MACs, bytes, accuracy (on ``loader``, a held-out split) and latency.
 
-    ``example`` is one input batch (its first row is tiled to each latency batch size).
+    ``example`` is one input batch: a tensor, a tuple of positional tensors or a dict of keyword
+    tensors (its first row is tiled to each latency batch size).
     ``runner`` replaces ``model`` for accuracy and latency, e.g. an ONNX Runtime session, while
     counts still come from ``model``.
     """
-    from deepshrink.train import evaluate
-
     total, nonzero = count_params(model)
-    macs, per_module = count_macs(model, example[:1])
+    example = as_inputs(example, "example")
+    macs, per_module = count_macs(model, select(example, slice(0, 1)))
     fp32 = fp32_safetensors_bytes(model)
     rep = ModelReport(name, total, nonzero, macs, file_bytes(file) if file else fp32, fp32,
                       layers=layer_stats(model, per_module))
@@ -91,8 +93,7 @@ def measure_model(model: nn.Module, example: torch.Tensor, *, name: str = "model
         ev = evaluate(fn, loader)
         rep.top1, rep.top5 = ev["top1"], ev.get("top5")
     for b in latency_batches:
-        x = example[:1].expand(b, *example.shape[1:]).contiguous()
-        rep.latency[b] = measure_latency(fn, x, **(latency_kw or {}))
+        rep.latency[b] = measure_latency(fn, tile(example, b), **(latency_kw or {}))
     return rep
 
 

@@ -34,3 +34,12 @@ def _as_fp32(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).float()
+
+
+def size_change(before: int, after: int) -> str:
+    """``"3.89x smaller"``, or ``"1.25x larger"`` when the result grew (never "0.80x smaller")."""
+    if after <= 0 or before <= 0:
+        return "size unknown"
+    if after <= before:
+        return f"{before / after:.2f}x smaller"
+    return f"{after / before:.2f}x larger"

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
+from deepshrink.modeling import output_tensor
 from deepshrink.progress import console, make_progress
 
 # loss_fn(outputs, targets, batch) -> loss tensor, or a dict with "loss" and named parts to log.
@@ -179,14 +180,8 @@ def default_loss(cfg: TrainConfig) -> LossFn:
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
-    """Models may return a tensor, a tuple, or a `transformers` output with ``.logits``."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    if isinstance(outputs, (tuple, list)):
-        return outputs[0]
-    raise TypeError(f"cannot find logits in model output of type {type(outputs).__name__}")
+    """The tensor a loss reads from a model's output (see :func:`deepshrink.modeling.output_tensor`)."""
+    return output_tensor(outputs)
 
 
 def train(model: nn.Module, data: DataBundle | DataLoader, config: TrainConfig | None = None,

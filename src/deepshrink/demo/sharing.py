@@ -8,6 +8,7 @@ from typing import Any
 
 from deepshrink.checkpoint import load
 from deepshrink.dsz import pack
+from deepshrink.pruning import UnstructuredConfig, iterative_prune, make_permanent
 from deepshrink.sharing.finetune import CentroidFineTune
 from deepshrink.sharing.kmeans import KMeansConfig, share
 from deepshrink.train import TrainConfig, train
@@ -18,8 +19,6 @@ def _pruned(ctx: Any) -> Any:
     shared = ctx.shared.get("pruned_unstructured")
     if shared is not None:
         return copy.deepcopy(shared)
-    from deepshrink.pruning import UnstructuredConfig, iterative_prune, make_permanent
-
     model = ctx.fresh_baseline()
     cfg = TrainConfig(epochs=3 if ctx.quick else 5, batch_size=64, lr=2e-3, progress=False,
                       keep_best=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from deepshrink.checkpoint import save
-from deepshrink.demo import DemoContext
+from deepshrink.demo.context import DemoContext
 from deepshrink.distill.api import KDConfig, distill
 from deepshrink.models import create_model
 from deepshrink.train import TrainConfig
@@ -20,7 +20,7 @@ def demo_stage(ctx: DemoContext) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 2x1000-param MLP: extra threads only cost barrier waits
     try:
-        distill(student, teacher, ctx.data, kd, train_config=tc)
+        distill(student, kd, teacher=teacher, data=ctx.data, train_config=tc)
     finally:
         torch.set_num_threads(threads)
     path = save(student, ctx.out_dir / "distilled_mlp32.safetensors",

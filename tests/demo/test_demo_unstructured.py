@@ -5,21 +5,18 @@ from __future__ import annotations
 import torch
 
 import deepshrink
-from deepshrink.demo import run_demo
+from deepshrink.demo import run_demo, unstructured
 from deepshrink.pruning import get_masks
 
 
-def test_demo_stage_row_and_handoff(tmp_path, monkeypatch) -> None:
-    from deepshrink.pruning import demo as pdemo
-
+def test_demo_stage_row_and_handoff(tmp_path) -> None:
     shared = {}  # run_demo does not return its context: capture ctx.shared through a wrapper stage
 
     def stage(ctx) -> None:
-        pdemo.demo_stage(ctx)
+        unstructured.demo_stage(ctx)
         shared.update(ctx.shared)
 
-    monkeypatch.setattr(pdemo, "capture_stage", stage, raising=False)
-    table = run_demo(tmp_path, quick=True, progress=False, stages=["deepshrink.pruning.demo:capture_stage"])
+    table = run_demo(tmp_path, quick=True, progress=False, stages=[stage])
     base, row = table.rows[0], table.rows[1]
     assert row["stage"].startswith("pruned (unstructured")
     assert row["nonzero"] < 0.15 * base["nonzero"]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import deepshrink
-from deepshrink.demo import run_demo
+from deepshrink.demo import channels, run_demo
 
 
 def test_structured_demo_stage(tmp_path):
     table = run_demo(tmp_path, quick=True, progress=False,
-                     stages=["deepshrink.pruning.structured_demo:demo_stage"])
+                     stages=[channels.demo_stage])
     base, row = table.rows
     assert row["stage"].startswith("pruned (channels 50%: 150-50 neurons)")
     assert row["bytes"] < 0.4 * base["bytes"]  # 17.8k of 50.6k parameters, stored dense
