@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results
 from deepshrink import load
 from deepshrink.data import load_fashion_mnist
+from deepshrink.report import write_report
 from deepshrink.workflow import load_recipe, run_recipe
 from deepshrink.workflow.search import SearchConfig, search
 
@@ -65,7 +65,7 @@ PARTS = {
     "lenet300-size": ("lenet300", "size"), "lenet5-size": ("lenet5", "size"),
     "lenet300-latency": ("lenet300", "latency"), "lenet5-latency": ("lenet5", "latency"),
 }
-LATENCY_BUDGET = 150.0  # CPU seconds for each latency search (cheap trials: channels, int8)
+LATENCY_BUDGET = 100.0  # CPU seconds for each latency search (cheap trials: channels, int8)
 
 
 def run_part(part: str, data: Any, work: Path, ref: dict[str, Any]) -> dict[str, Any]:
@@ -79,16 +79,14 @@ def run_part(part: str, data: Any, work: Path, ref: dict[str, Any]) -> dict[str,
                  command=f"python bench/search.py --only {part}")
     r = res.results
     html = RESULTS / ("search-report.html" if part == "lenet300-size" else f"search-report-{part}.html")
-    shutil.copyfile(work / part / "report.html", html)
-    png = work / part / "report-pareto.png"
-    if png.exists():
-        shutil.copyfile(png, html.with_name(html.stem + "-pareto.png"))
+    write_report(r, html)  # and <stem>-pareto.png beside it
     keep = ("trial", "role", "knobs", "bytes", "size_ratio", "macs_ratio", "speedup", "speedup_final",
             "val_top1", "val_drop_pt", "test_top1", "test_drop_pt", "recipe")
     chosen = next((s for s in r["selected"] if s["role"] == "chosen"), None)
     return {"config": cfg.to_dict(), "budget_cpu_seconds": budget, "original": r["original"],
             "sensitivity": r["sensitivity"], "stopped": r["stopped"], "trials": len(r["trials"]),
-            "trial_table": [{k: t.get(k) for k in keep if k != "recipe"} | {"rung": t["rung"]} for t in r["trials"]],
+            "trial_table": [{k: t.get(k) for k in keep if k != "recipe"} | {"rung": t["rung"]}
+                            for t in r["trials"]],
             "chosen": {k: chosen.get(k) for k in keep} if chosen else None,
             "front_size": [{k: s.get(k) for k in keep if k != "recipe"} for s in r["selected"]
                            if s["trial"] in r["fronts"]["size"]],
@@ -140,25 +138,31 @@ def main() -> None:
     ref = hand_tuned()
     data = load_fashion_mnist()
     t0 = time.perf_counter()
-    payload: dict[str, Any] = {"command": "python bench/search.py" + "".join(f" --only {p}" for p in args.only or [])
-                               + (" --stretch" if args.stretch else ""), "threads": THREADS,
+    command = ("python bench/search.py" + "".join(f" --only {p}" for p in args.only or [])
+               + (" --stretch" if args.stretch else ""))
+    payload: dict[str, Any] = {"command": command, "threads": THREADS,
                                "hand_tuned": ref, "notes": [
-                                   "selection on the validation split only; test read once for returned models",
+                                   "selection on the validation split only; test read once for the "
+                                   "returned models",
                                    "size-search budgets: the hand-tuned benches' CPU seconds (1 thread)",
                                    "bytes are real files; ratios vs the fp32 baseline checkpoint file",
-                                   "speedups: interleaved runs vs the original, batch 1, 1 thread, shared machine"]}
+                                   "speedups: interleaved runs vs the original, batch 1, 1 thread, "
+                                   "shared machine"]}
     prev = RESULTS / "search.json"
-    if args.only and prev.exists():
-        old = json.loads(prev.read_text())
-        payload.update({k: v for k, v in old.items() if k in (*PARTS, "stretch")})
+    done: dict[str, Any] = {}
     for p in parts:
         print(f"== {p}", flush=True)
         if p == "stretch":
-            payload["stretch"] = {m: stretch(m, data, args.work) for m in ("lenet300", "lenet5")}
+            done["stretch"] = {m: stretch(m, data, args.work) for m in ("lenet300", "lenet5")}
         else:
-            payload[p] = run_part(p, data, args.work, ref)
-        payload["summary"] = summary(payload, ref)
-        write_results("search", {**payload, "seconds": time.perf_counter() - t0})
+            done[p] = run_part(p, data, args.work, ref)
+        # Keep the other parts' results, re-read now: parts may run in parallel processes.
+        old = json.loads(prev.read_text()) if args.only and prev.exists() else {}
+        merged = {**{k: v for k, v in old.items() if k in (*PARTS, "stretch")}, **done}
+        cmds = {**old.get("commands", {}), **dict.fromkeys(done, command)}
+        write_results("search", {**payload, **merged, "commands": cmds, "summary": summary(merged, ref),
+                                 "seconds": time.perf_counter() - t0})
+    payload["summary"] = summary(done, ref)
     print(json.dumps(payload["summary"], indent=2))
 
 

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from deepshrink.cli import app
-from deepshrink.report import pareto_front, render_report
+from deepshrink.report import render_report
+from deepshrink.workflow.pareto import pareto_front
 
 
 def _run_results() -> dict:
@@ -28,14 +29,16 @@ def _run_results() -> dict:
                "test_top1": 0.93, "macs": 22000, "latency": {"1": {**lat, "speedup": 1.1}}, "layers": layers},
               {"index": 2, "stage": "pack", "label": "pack", "bytes": 3000, "val_top1": 0.93,
                "test_top1": 0.93, "macs": 22000, "latency": {"1": {**lat, "speedup": 0.9}}, "layers": layers}]
-    return {"kind": "run", "recipe": {"name": "t", "stages": []}, "model_file": "m.safetensors", "data": "digits",
+    return {"kind": "run", "recipe": {"name": "t", "stages": []}, "model_file": "m.safetensors",
+            "data": "digits",
             "command": "deepshrink run t.yaml", "machine": {"threads": 1}, "stages": stages,
             "latency": {"1": {"samples_ms": {"original": [0.1, 0.11, 0.12], "1:prune": [0.09, 0.1, 0.1],
                                              "2:pack": [0.1, 0.12, 0.13]}}}, "seconds": 1.0}
 
 
 def test_pareto_front():
-    pts = [{"b": 10, "a": 0.9}, {"b": 5, "a": 0.8}, {"b": 7, "a": 0.7}, {"b": 20, "a": 0.95}, {"b": 1, "a": None}]
+    pts = [{"b": 10, "a": 0.9}, {"b": 5, "a": 0.8}, {"b": 7, "a": 0.7}, {"b": 20, "a": 0.95},
+           {"b": 1, "a": None}]
     assert [p["b"] for p in pareto_front(pts, "b", "a")] == [5, 10, 20]
     assert [p["b"] for p in pareto_front(pts, "b", "a", minimize_x=False)] == [20]
 

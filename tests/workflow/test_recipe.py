@@ -92,7 +92,7 @@ def _tiny(path: Path) -> dict:
 def test_shipped_recipe_runs_on_digits(path, digits, digits_model, tmp_path):
     model, model_file = digits_model
     recipe = parse_recipe(_tiny(path), str(path))
-    res = run_recipe(recipe, model, digits, tmp_path, model_file=model_file, progress=False, report=False)
+    res = run_recipe(recipe, model, digits, tmp_path, model_file=model_file, progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     stages = saved["stages"]
     assert [s["stage"] for s in stages] == ["original", *(s.stage for s in recipe.stages)]

@@ -40,24 +40,28 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., "--model", "-m", help="A trained model file."),
         data: str = DATA,
         data_dir: Path | None = DATA_DIR,
-        output: Path = typer.Option(..., "--out", "-o", help="Directory for artifacts, results.json, report.html."),
+        output: Path = typer.Option(..., "--out", "-o",
+                                    help="Directory for artifacts, results.json, report.html."),
         threads: int = THREADS,
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Run a recipe: every stage's artifact, measured after each stage, plus an HTML report."""
         from deepshrink.data import load_dataset
         from deepshrink.measure import ResultTable
+        from deepshrink.report import write_report
         from deepshrink.workflow import load_recipe, run_recipe
 
         torch.set_num_threads(threads)
         rec = load_recipe(recipe)  # validated before anything is loaded or trained
         res = run_recipe(rec, _model(model), load_dataset(data, data_dir), output, model_file=model,
                          progress=not as_json, command=_command())
+        write_report(res.results, output / "report.html")
         if as_json:
             emit_json(res.results)
             return
         cols = ("index", "label", "bytes", "size_ratio", "macs_ratio", "val_top1", "test_top1")
-        rows = [{c: r.get(c) for c in cols} | {"speedup_b1": (r.get("latency") or {}).get("1", {}).get("speedup")}
+        rows = [{c: r.get(c) for c in cols}
+                | {"speedup_b1": (r.get("latency") or {}).get("1", {}).get("speedup")}
                 for r in res.results["stages"]]
         ResultTable(f"recipe {rec.name}", rows).print(out)
         err.print(f"results in {res.path}, report in {output / 'report.html'}")
@@ -68,7 +72,8 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Argument(..., help="A trained model file."),
         data: str = DATA,
         data_dir: Path | None = DATA_DIR,
-        output: Path = typer.Option(Path("shrink-out"), "--out", "-o", help="Directory (state, trials, report)."),
+        output: Path = typer.Option(Path("shrink-out"), "--out", "-o",
+                                    help="Directory (state, trials, report); the same one resumes."),
         max_drop: float = typer.Option(0.5, "--max-drop", help="Max validation top-1 drop, points."),
         objective: str = typer.Option("size", "--objective", help="size | latency | macs"),
         target: str | None = typer.Option(None, "--target", help="e.g. 50KB (size) or 2x."),
@@ -83,6 +88,7 @@ def register(app: typer.Typer) -> None:
         """Search compositions of techniques for the smallest / fastest model within --max-drop."""
         from deepshrink.data import load_dataset
         from deepshrink.measure import ResultTable
+        from deepshrink.report import write_report
         from deepshrink.workflow.search import SearchConfig, search
 
         torch.set_num_threads(threads)
@@ -91,10 +97,14 @@ def register(app: typer.Typer) -> None:
             candidates=candidates, rungs=rungs, epochs_scale=epochs_scale)
         res = search(_model(model), load_dataset(data, data_dir), cfg, output, model_file=model,
                      command=_command())
+        if "selected" not in res.results:  # cannot happen without max_trials; kept for clarity
+            raise ConfigError("the search stopped before selecting a model")
+        write_report(res.results, output / "report.html")
         if as_json:
             emit_json(res.results)
             return
-        cols = ("trial", "role", "bytes", "size_ratio", "speedup_final", "val_top1", "test_top1", "test_drop_pt")
+        cols = ("trial", "role", "bytes", "size_ratio", "speedup_final", "val_top1", "test_top1",
+                "test_drop_pt")
         ResultTable("chosen and Pareto-front models (selected on validation; test read once)",
                     [{c: s.get(c) for c in cols} for s in res.results["selected"]]).print(out)
         err.print(f"results in {res.path}, report in {output / 'report.html'}")
@@ -103,7 +113,8 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def report_cmd(
         results: Path = typer.Argument(..., help="results.json (run) or search.json (shrink)."),
-        output: Path | None = typer.Option(None, "--out", "-o", help="HTML file (default: report.html beside it)."),
+        output: Path | None = typer.Option(None, "--out", "-o",
+                                           help="HTML file (default: report.html beside it)."),
     ) -> None:
         """Regenerate the self-contained HTML report (and the Pareto PNG) from a results file."""
         from deepshrink.report import write_report

@@ -12,6 +12,7 @@ from typing import Any
 
 from deepshrink.fileio import atomic_write_text
 from deepshrink.report.svg import PALETTE, Series, bars, scatter, strips
+from deepshrink.workflow.pareto import pareto_front
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -22,21 +23,6 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}tr.chosen td{background:#eaf6e9}
 svg .t{font-weight:600;font-size:12px}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
 .note{color:#555}
 """
-
-
-def pareto_front(points: Sequence[dict[str, Any]], x: str, y: str, *, minimize_x: bool = True
-                 ) -> list[dict[str, Any]]:
-    """The points no other point beats on both ``x`` (smaller, or larger if not ``minimize_x``)
-    and ``y`` (larger). Points missing either value are ignored. Sorted by ``x``."""
-    pts = [p for p in points if p.get(x) is not None and p.get(y) is not None]
-    sign = 1 if minimize_x else -1
-    pts.sort(key=lambda p: (sign * p[x], -p[y]))
-    front, best = [], float("-inf")
-    for p in pts:
-        if p[y] > best:
-            front.append(p)
-            best = p[y]
-    return front
 
 
 def _fmt(v: Any, key: str = "") -> str:
@@ -68,7 +54,8 @@ def table(rows: Sequence[dict[str, Any]], cols: Sequence[str], *, table_id: str 
     return f"<table{ident}><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _xy(pts: Sequence[dict[str, Any]], x: str, y: str, scale_y: float = 100.0) -> list[tuple[float, float, str]]:
+def _xy(pts: Sequence[dict[str, Any]], x: str, y: str, scale_y: float = 100.0
+        ) -> list[tuple[float, float, str]]:
     return [(float(p[x]), scale_y * float(p[y]), str(p.get("label", ""))) for p in pts
             if p.get(x) is not None and p.get(y) is not None]
 
@@ -141,8 +128,9 @@ def render_run(res: dict[str, Any]) -> str:
     cols = ["index", "label", "file", "bytes", "size_ratio", "params", "nonzero", "macs", "macs_ratio",
             "val_top1", "test_top1", "val_drop_pt", "test_drop_pt", "speedup", "seconds"]
     last = stages[-1]
-    body = [f'<p>recipe <b>{escape(res["recipe"]["name"])}</b> on <b>{escape(str(res.get("model_file")))}</b>, '
-            f'data <b>{escape(str(res.get("data")))}</b>; {res.get("seconds", 0):.0f} s. Bytes are real files, '
+    body = [f'<p>recipe <b>{escape(res["recipe"]["name"])}</b> on '
+            f'<b>{escape(str(res.get("model_file")))}</b>, data <b>{escape(str(res.get("data")))}</b>; '
+            f'{res.get("seconds", 0):.0f} s. Bytes are real files, '
             "accuracy that of each artifact loaded back; speedups from one interleaved run.</p>",
             "<h2>Stages</h2>", table(stages, cols, table_id="stage-table"),
             "<h2>Trade-off</h2>", tradeoff_charts(rest, orig),
@@ -171,13 +159,16 @@ def render_search(res: dict[str, Any]) -> str:
             "only; test accuracy was measured once, for the models listed below.</p>",
             "<h2>Chosen models (test accuracy reported once)</h2>",
             table(chosen, sel_cols, table_id="chosen-table"),
-            "<h2>Trade-off (every trial; front over the final rung)</h2>", tradeoff_charts(finals, orig, chosen)]
+            "<h2>Trade-off (every finished trial, validation accuracy)</h2>",
+            tradeoff_charts(finals, orig, chosen)]
     if best and best.get("layers"):
         body += ["<h2>Per layer (chosen model)</h2>", layer_charts(best["layers"], best["trial"])]
     if best and best.get("stages"):
         body += ["<h2>Stages of the chosen model</h2>",
-                 table(best["stages"], ["label", "bytes", "size_ratio", "val_top1", "val_drop_pt", "seconds"])]
-    body += ["<h2>Latency distribution (front models vs original)</h2>", latency_chart(res.get("latency", {})),
+                 table(best["stages"], ["label", "bytes", "size_ratio", "val_top1", "val_drop_pt",
+                                        "seconds"])]
+    body += ["<h2>Latency distribution (front models vs original)</h2>",
+             latency_chart(res.get("latency", {})),
              "<h2>All trials</h2>", table(res["trials"], [*cols, "status"], table_id="trials-table",
                                           highlight=lambda r: r.get("trial") in chosen_ids),
              _sensitivity(res.get("sensitivity")), _machine(res),
@@ -190,7 +181,8 @@ def render_search(res: dict[str, Any]) -> str:
 def _sensitivity(sens: dict[str, Any] | None) -> str:
     if not sens:
         return ""
-    series = [Series(name, [(r, 100 * a, f"{name} {r:.2f}") for r, a in zip(sens["ratios"], accs, strict=True)],
+    series = [Series(name, [(r, 100 * a, f"{name} {r:.2f}")
+                            for r, a in zip(sens["ratios"], accs, strict=True)],
                      PALETTE[i % len(PALETTE)], line=True, size=3)
               for i, (name, accs) in enumerate(sens["top1"].items())]
     return ("<h2>Per-layer sensitivity (validation)</h2>" +

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from deepshrink.fileio import atomic_path
-from deepshrink.report.html import pareto_front
+from deepshrink.workflow.pareto import pareto_front
 
 
 def _points(results: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -160,7 +160,8 @@ def strips(samples: dict[str, Sequence[float]], *, title: str, x_label: str, cha
     rows = len(samples)
     height = PAD_T + PAD_B + 26 * rows
     out = [f'<text x="{W / 2}" y="18" text-anchor="middle" class="t">{escape(title)}</text>',
-           f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{height - 8}" text-anchor="middle">{escape(x_label)}</text>']
+           f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{height - 8}" text-anchor="middle">'
+           f'{escape(x_label)}</text>']
     for t in _ticks(ax.x0, ax.x1, ax.log_x):
         x = ax.px(t)
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{PAD_T}" y2="{height - PAD_B}" stroke="#eee"/>'

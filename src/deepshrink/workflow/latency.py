@@ -21,7 +21,8 @@ def _block(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, calls: int) -> fl
 
 
 def interleaved_latency(runners: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, *,
-                        rounds: int = 30, warmup: int = 3, min_block_ms: float = 2.0) -> dict[str, list[float]]:
+                        rounds: int = 30, warmup: int = 3, min_block_ms: float = 2.0
+                        ) -> dict[str, list[float]]:
     """Milliseconds per call for each runner, ``rounds`` samples each, interleaved round by round.
 
     A sample is the mean of a block of calls long enough (``min_block_ms``) that the timer's

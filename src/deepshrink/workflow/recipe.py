@@ -16,7 +16,7 @@
 Every key is checked: an unknown key anywhere is an error naming the stage and the key. After
 each stage the artifact is written, loaded back and measured (real bytes, params, MACs,
 validation and test accuracy); at the end every stage's model is timed against the original in
-one interleaved run. :func:`run_recipe` writes the artifacts, ``results.json`` and the report.
+one interleaved run. :func:`run_recipe` writes the artifacts and ``results.json``.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def parse_stage(raw: Any, index: int, recipe: str) -> StageSpec:
     return StageSpec(stage=name, config=_stage_config(kind, raw.get("config"), where),
                      label=str(raw.get("label", "")) or name, finetune=ft,
                      teacher=_sub_config(TeacherConfig, raw.get("teacher"), where, "teacher"),
-                     rounds=rounds, spacing=spacing, student=_sub_config(StudentConfig, raw.get("student"), where, "student"))
+                     rounds=rounds, spacing=spacing,
+                     student=_sub_config(StudentConfig, raw.get("student"), where, "student"))
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -134,7 +135,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     name = data.get("name", Path(source).stem)
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        raise ConfigError(f"recipe {name!r}: unknown top-level key(s) {unknown}", hint=f"valid keys: {TOP_KEYS}")
+        raise ConfigError(f"recipe {name!r}: unknown top-level key(s) {unknown}",
+                          hint=f"valid keys: {TOP_KEYS}")
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"recipe {name!r}: 'stages' must be a non-empty list")
@@ -259,10 +261,11 @@ def _ratios(row: dict[str, Any], base: dict[str, Any]) -> None:
 
 def run_recipe(recipe: Recipe, model: nn.Module, data: DataBundle, out_dir: str | Path, *,
                model_file: str | Path | None = None, test: bool = True, latency: bool = True,
-               progress: bool = True, command: str | None = None, report: bool = True,
+               progress: bool = True, command: str | None = None,
                log: Callable[[str], None] | None = None) -> RunResult:
-    """Run every stage on a copy of ``model``; write artifacts, ``results.json`` (and the HTML
-    report) into ``out_dir``. ``test=False`` skips the test split (used by the search, which
+    """Run every stage on a copy of ``model``; write artifacts and ``results.json`` into
+    ``out_dir`` (render it with :func:`deepshrink.report.write_report`). ``test=False`` skips the
+    test split (used by the search, which
     selects on validation and reads test only for the models it returns)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out_dir)
@@ -294,10 +297,6 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: DataBundle, out_dir: str 
                "stages": rows, "latency": lat, "seconds": time.perf_counter() - t0}
     path = out / "results.json"
     atomic_write_text(path, json.dumps(results, indent=2, default=str))
-    if report:
-        from deepshrink.report import write_report
-
-        write_report(results, out / "report.html")
     return RunResult(results, current, path)
 
 

@@ -42,9 +42,9 @@ from deepshrink.data import DataBundle
 from deepshrink.errors import ConfigError
 from deepshrink.fileio import atomic_write_text
 from deepshrink.pruning import sensitivity_scan
-from deepshrink.report import pareto_front
 from deepshrink.train import evaluate
 from deepshrink.workflow.latency import interleaved_latency, latency_summary
+from deepshrink.workflow.pareto import pareto_front
 from deepshrink.workflow.recipe import machine_info, parse_recipe, run_recipe
 
 OBJECTIVES = ("size", "latency", "macs")
@@ -75,13 +75,15 @@ class SearchConfig(Config):
 
     def validate(self) -> None:
         n = type(self).__name__
-        check(self.objective in OBJECTIVES, n, "objective", f"must be one of {OBJECTIVES}, got {self.objective!r}")
+        check(self.objective in OBJECTIVES, n, "objective",
+              f"must be one of {OBJECTIVES}, got {self.objective!r}")
         check(0 <= self.max_drop <= 100, n, "max_drop", f"must be in [0, 100] points, got {self.max_drop}")
         check(self.candidates >= 1, n, "candidates", f"must be >= 1, got {self.candidates}")
         check(self.eta >= 2, n, "eta", f"must be >= 2, got {self.eta}")
         check(1 <= self.rungs <= len(RUNG_BUDGET), n, "rungs", f"must be in [1, {len(RUNG_BUDGET)}]")
         check(self.epochs_scale > 0, n, "epochs_scale", "must be > 0")
-        check(self.budget_clock in ("wall", "cpu"), n, "budget_clock", f"must be wall or cpu, got {self.budget_clock!r}")
+        check(self.budget_clock in ("wall", "cpu"), n, "budget_clock",
+              f"must be wall or cpu, got {self.budget_clock!r}")
         check(self.time_budget is None or self.time_budget > 0, n, "time_budget", "must be > 0")
         if self.target is not None:
             parse_target(self.target, self.objective)
@@ -122,9 +124,9 @@ def allocate(sens: dict[str, Any], target: float, cap: float = 0.98, step: float
         for a in [sens["baseline_top1"], *sens["top1"][name]]:
             run = max(run, sens["baseline_top1"] - a)
             ys.append(run)
-        for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
-            if r <= x1:
-                return y0 + (y1 - y0) * (r - x0) / (x1 - x0)
+        for i in range(1, len(xs)):
+            if r <= xs[i]:
+                return ys[i - 1] + (ys[i] - ys[i - 1]) * (r - xs[i - 1]) / (xs[i] - xs[i - 1])
         return ys[-1]
 
     ratios = dict.fromkeys(names, 0.0)
@@ -285,12 +287,13 @@ def _trial(knobs: dict[str, Any], rung: int, cfg: SearchConfig, state: SearchSta
     t0 = time.perf_counter()
     recipe = parse_recipe(raw, tid)
     res = run_recipe(recipe, model, data, out_dir / "trials" / tid, model_file=model_file, test=False,
-                     latency=False, progress=False, report=False, log=lambda s: None)
+                     latency=False, progress=False, log=lambda s: None)
     final = res.results["stages"][-1]
     runner = checkpoint.load(out_dir / "trials" / tid / final["file"]) if not final["file"].endswith(
         ".onnx") else _ort(out_dir / "trials" / tid / final["file"])
     x = data.test.tensors[0][:1]
-    summ = latency_summary(interleaved_latency({"original": model, "trial": runner}, x, rounds=20), "original")
+    samples = interleaved_latency({"original": model, "trial": runner}, x, rounds=20)
+    summ = latency_summary(samples, "original")
     rec = {"trial": tid, "rung": rung, "knobs": knob_key(knobs), "knob_values": knobs, "status": "done",
            "recipe": raw, "file": str(Path("trials") / tid / final["file"]),
            **{k: final[k] for k in ("bytes", "params", "nonzero", "macs", "val_top1", "size_ratio",
@@ -332,7 +335,8 @@ def _ort(path: Path) -> Any:
 def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: str | Path, *,
            model_file: str | Path, command: str | None = None, max_trials: int | None = None,
            log: Callable[[str], None] | None = None) -> SearchResult:
-    """Run (or resume) the search; write ``search.json`` and ``report.html`` into ``out_dir``.
+    """Run (or resume) the search; write ``search.json`` into ``out_dir`` (render it with
+    :func:`deepshrink.report.write_report`).
 
     ``max_trials`` stops after that many *new* trials (as an interrupt would), leaving the state
     to resume from.
@@ -366,7 +370,8 @@ def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: st
                 stopped = f"stopped after {max_trials} new trial(s)"
                 break
             log(f"[trial {i + 1}/{len(pool)}, rung {rung}, {elapsed():.0f} s]")
-            known = knob_key(knobs) in {t["knobs"] for t in state.data["trials"].values() if t["rung"] == rung}
+            known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung
+                        for t in state.data["trials"].values())
             c0 = elapsed()
             rec = _trial(knobs, rung, config, state, model, data, out, str(model_file), log)
             rec.setdefault("clock_seconds", elapsed() - c0)
@@ -441,14 +446,12 @@ def _finish(model: nn.Module, data: DataBundle, cfg: SearchConfig, state: Search
                "stopped": stopped, "seconds": seconds}
     path = out / "search.json"
     atomic_write_text(path, json.dumps(results, indent=2, default=str))
-    from deepshrink.report import write_report
-
-    write_report(results, out / "report.html")
     if chosen is None:
         log(f"no trial stayed within {cfg.max_drop} pt on validation")
     else:
         c = picked[chosen["trial"]]
-        log(f"chosen {c['trial']}: {c['bytes']:,} B ({c['size_ratio']:.1f}x), val {100 * c['val_top1']:.2f}%, "
+        log(f"chosen {c['trial']}: {c['bytes']:,} B ({c['size_ratio']:.1f}x), "
+            f"val {100 * c['val_top1']:.2f}%, "
             f"test {100 * c['test_top1']:.2f}% ({c['test_drop_pt']:+.2f} pt)")
     return SearchResult(results, path)
 

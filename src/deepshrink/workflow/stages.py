@@ -307,7 +307,7 @@ def distill_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     torch.manual_seed(st.seed)
     student = create_model(st.model, **kwargs)
     tc = _train_cfg(ctx, spec) or TrainConfig(epochs=10, progress=False)
-    distill(student, ctx.model, ctx.data, spec.config, train_config=tc)
+    distill(student, spec.config, teacher=ctx.model, data=ctx.data, train_config=tc)
     return StageOutput(student, _save(ctx, spec, student), info={"student": st.to_dict()})
 
 
