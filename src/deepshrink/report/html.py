@@ -107,6 +107,14 @@ def latency_chart(latency: dict[str, Any]) -> str:
     return '<div class="charts">' + "".join(out) + "</div>"
 
 
+def _demo_table(demo: dict[str, Any] | None) -> str:
+    """``deepshrink demo`` adds its whole results table (every technique, test split)."""
+    if not demo or not demo.get("rows"):
+        return ""
+    cols = list(dict.fromkeys(k for r in demo["rows"] for k in r))
+    return f"<h2>{escape(demo.get('title', 'demo'))}</h2>" + table(demo["rows"], cols, table_id="demo-table")
+
+
 def _machine(res: dict[str, Any]) -> str:
     m = res.get("machine", {})
     rows = "".join(f'<tr><th class="l">{escape(str(k))}</th><td class="l">{escape(str(v))}</td></tr>'
@@ -136,7 +144,7 @@ def render_run(res: dict[str, Any]) -> str:
             "<h2>Trade-off</h2>", tradeoff_charts(rest, orig),
             "<h2>Per layer (final stage)</h2>", layer_charts(last.get("layers", []), last["label"]),
             "<h2>Latency distribution</h2>", latency_chart(res.get("latency", {})),
-            _machine(res), "<h2>Recipe (configs)</h2>",
+            _demo_table(res.get("demo_table")), _machine(res), "<h2>Recipe (configs)</h2>",
             f"<pre>{escape(json.dumps(res['recipe'], indent=2))}</pre>"]
     return _page(f"deepshrink run: {res['recipe']['name']}", "".join(body))
 
