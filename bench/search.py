@@ -65,15 +65,16 @@ PARTS = {
     "lenet300-size": ("lenet300", "size"), "lenet5-size": ("lenet5", "size"),
     "lenet300-latency": ("lenet300", "latency"), "lenet5-latency": ("lenet5", "latency"),
 }
-LATENCY_BUDGET = 100.0  # CPU seconds for each latency search (cheap trials: channels, int8)
 
 
-def run_part(part: str, data: Any, work: Path, ref: dict[str, Any]) -> dict[str, Any]:
+def run_part(part: str, data: Any, work: Path, ref: dict[str, Any], args: argparse.Namespace
+             ) -> dict[str, Any]:
     name, objective = PARTS[part]
     ckpt = RESULTS / f"{name}.safetensors"
-    budget = ref[name]["budget_cpu_seconds"] if objective == "size" else LATENCY_BUDGET
+    budget = (ref[name]["budget_cpu_seconds"] * args.budget_scale if objective == "size"
+              else args.latency_budget)
     cfg = SearchConfig(objective=objective, max_drop=0.5, time_budget=budget, budget_clock="cpu",
-                       candidates=8, rungs=3 if objective == "size" else 2)
+                       candidates=args.candidates, rungs=3 if objective == "size" else 2)
     w0, c0 = time.perf_counter(), time.process_time()
     res = search(load(ckpt), data, cfg, work / part, model_file=ckpt,
                  command=f"python bench/search.py --only {part}")
@@ -132,14 +133,17 @@ def main() -> None:
     ap.add_argument("--stretch", action="store_true", help="also run recipes/max-compression.yaml")
     ap.add_argument("--work", type=Path, default=Path("/tmp/deepshrink-search-bench"),
                     help="trial artifacts and resumable state (same dir resumes an interrupted run)")
+    ap.add_argument("--budget-scale", type=float, default=1.0,
+                    help="size-search budget as a fraction of the hand-tuned benches' CPU seconds")
+    ap.add_argument("--latency-budget", type=float, default=100.0, help="CPU seconds per latency search")
+    ap.add_argument("--candidates", type=int, default=8, help="first-rung candidates")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     parts = args.only or [*PARTS, *(["stretch"] if args.stretch else [])]
     ref = hand_tuned()
     data = load_fashion_mnist()
     t0 = time.perf_counter()
-    command = ("python bench/search.py" + "".join(f" --only {p}" for p in args.only or [])
-               + (" --stretch" if args.stretch else ""))
+    command = " ".join(["python", *sys.argv])
     payload: dict[str, Any] = {"command": command, "threads": THREADS,
                                "hand_tuned": ref, "notes": [
                                    "selection on the validation split only; test read once for the "
@@ -155,7 +159,7 @@ def main() -> None:
         if p == "stretch":
             done["stretch"] = {m: stretch(m, data, args.work) for m in ("lenet300", "lenet5")}
         else:
-            done[p] = run_part(p, data, args.work, ref)
+            done[p] = run_part(p, data, args.work, ref, args)
         # Keep the other parts' results, re-read now: parts may run in parallel processes.
         old = json.loads(prev.read_text()) if args.only and prev.exists() else {}
         merged = {**{k: v for k, v in old.items() if k in (*PARTS, "stretch")}, **done}
