@@ -11,11 +11,12 @@ import yaml
 from deepshrink import load
 from deepshrink.errors import ConfigError
 from deepshrink.workflow import load_recipe, parse_recipe, run_recipe
+from deepshrink.workflow.recipe import shipped_recipes
 from deepshrink.workflow.stages import STAGES
 
 from .conftest import ROOT
 
-RECIPES = sorted((ROOT / "recipes").glob("*.*"))
+RECIPES = sorted((ROOT / "recipes").glob("*.*"))  # the repository link to the shipped recipes
 
 
 def _recipe(*stages):
@@ -75,6 +76,8 @@ def test_yaml_and_json_recipes_agree(tmp_path):
 def test_shipped_recipes_are_the_five_asked_for():
     names = {load_recipe(p).name for p in RECIPES}
     assert names == {"deep-compression", "int8-ort", "structured+int8", "distill+int8", "max-compression"}
+    assert sorted(shipped_recipes().values()) == sorted(p.resolve() for p in RECIPES)
+    assert load_recipe("int8-ort").name == "int8-ort"  # by name, from the installed package
 
 
 def _tiny(path: Path) -> dict:

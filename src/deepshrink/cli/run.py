@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     @friendly_errors
     def run_cmd(
-        recipe: Path = typer.Argument(..., help="Recipe file (.yaml / .yml / .json)."),
+        recipe: Path = typer.Argument(..., help="Recipe file (.yaml / .yml / .json) or a shipped recipe "
+                                      "name: deep-compression, int8-ort, structured-int8, distill-int8, "
+                                      "max-compression."),
         model: Path = typer.Option(..., "--model", "-m", help="A trained model file."),
         data: str = DATA,
         data_dir: Path | None = DATA_DIR,

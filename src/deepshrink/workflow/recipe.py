@@ -150,9 +150,19 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                   str(data.get("description", "")), seed, tuple(batches))
 
 
+SHIPPED = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that come with deepshrink, by file stem (``deep-compression``, ...)."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.*")) if p.suffix in (".yaml", ".yml", ".json")}
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file (.yaml / .yml / .json)."""
+    """Read and validate a recipe file (.yaml / .yml / .json), or a shipped recipe by name."""
     path = Path(path)
+    if not path.exists() and str(path) in shipped_recipes():
+        path = shipped_recipes()[str(path)]
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a recipe")
     text = path.read_text()
