@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import re
 import sys
@@ -386,7 +387,9 @@ def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: st
         # lightly compressed candidates survive (the low-fidelity bias of successive halving).
         slack = (config.rungs - 1 - rung) * max(1.25, 2 * config.max_drop)
         ranked = sorted(rung_trials, key=lambda t: _score(t, config, slack))
-        pool = [t["knob_values"] for t in ranked[: max(1, len(ranked) // config.eta)]]
+        # ceil: with few candidates, floor division would leave one survivor per rung; the time
+        # budget, not the rounding, should decide how many get the long fine-tune.
+        pool = [t["knob_values"] for t in ranked[: max(1, math.ceil(len(ranked) / config.eta))]]
     if stopped:
         log(f"search {stopped}")
         if max_trials is not None and "new trial" in stopped:
