@@ -168,7 +168,7 @@ def render_search(res: dict[str, Any]) -> str:
             "<h2>Chosen models (test accuracy reported once)</h2>",
             table(chosen, sel_cols, table_id="chosen-table"),
             "<h2>Trade-off (every finished trial, validation accuracy)</h2>",
-            tradeoff_charts(finals, orig, chosen)]
+            tradeoff_charts(finals, orig, [c for c in chosen if c.get("role") == "chosen"])]
     if best and best.get("layers"):
         body += ["<h2>Per layer (chosen model)</h2>", layer_charts(best["layers"], best["trial"])]
     if best and best.get("stages"):
