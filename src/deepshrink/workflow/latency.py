@@ -36,8 +36,12 @@ def interleaved_latency(runners: dict[str, Callable[[torch.Tensor], Any]], x: to
     fastest = min(_block(fn, x, 1) for fn in runners.values())
     calls = max(1, min(200, int(min_block_ms / max(fastest, 1e-3))))
     samples: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for name, fn in runners.items():
+    order = list(runners.items())
+    for r in range(rounds):
+        # Alternate the direction every round: on a loaded machine the first block of a round
+        # is systematically slower (the process was just rescheduled), which would favour
+        # whichever model always runs second.
+        for name, fn in order if r % 2 == 0 else order[::-1]:
             samples[name].append(_block(fn, x, calls))
     return samples
 
