@@ -2,12 +2,18 @@
 
 Every technique takes one of these. The same objects serve the Python API, the CLI, recipes and
 reports, so a config must survive ``from_dict(to_dict())`` unchanged.
+
+Before a subclass's :meth:`Config.validate` runs, every field is checked against its type hint
+(an ``int`` field rejects 1.5 and "abc", a ``float`` field rejects non-finite numbers, a nested
+config must be that config), so ``validate`` only states ranges and relations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import re
 import types
 import typing
@@ -26,6 +32,10 @@ class Config:
     """Base for config dataclasses. Subclasses override :meth:`validate`."""
 
     def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.name in hints:
+                _check_type(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}")
         self.validate()
 
     def validate(self) -> None:
@@ -47,6 +57,8 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a mapping of fields, got {type(data).__name__}")
         data = dict(data)
         kind = data.pop("type", cls.__name__)
         if kind != cls.__name__:
@@ -58,28 +70,103 @@ class Config:
                 f"{cls.__name__}: unknown config key(s) {unknown}",
                 hint=f"valid keys: {sorted(names)}",
             )
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         kwargs = {k: _from_plain(v, hints.get(k)) for k, v in data.items()}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{cls.__name__}: missing required key(s) {missing}")
         return cls(**kwargs)
 
     @classmethod
     def from_json(cls: type[C], text: str) -> C:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"{cls.__name__}: not valid JSON: {exc}") from None
+        return cls.from_dict(data)
 
     @classmethod
     def from_file(cls: type[C], path: str | Path) -> C:
-        """Read a config from a .json or .yaml/.yml file."""
+        """Read a config from a .json or .yaml/.yml file (any problem is a ConfigError)."""
         path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from None
+        data = _parse_text(text, path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc.args[0]}", hint=exc.hint) from None
+
+
+def _parse_text(text: str, path: Path) -> Any:
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc)[:300]}") from None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}",
+                          hint="YAML files must end in .yaml or .yml") from None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Shallow check of ``value`` against a field's type hint (unknown hints pass)."""
+    origin = typing.get_origin(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if hint is str:
+        return isinstance(value, str)
+    container = {tuple: (tuple, list), list: (list, tuple), dict: (dict,)}.get(origin or hint)
+    if container is not None:
+        return isinstance(value, container)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    if not _type_ok(value, hint):
+        finite = " (finite)" if isinstance(value, float) and not math.isfinite(value) else ""
+        raise ConfigError(f"{where}: must be {_hint_name(hint)}{finite}, got {value!r:.60}")
+
+
+def _hint_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _to_plain(value: Any) -> Any:
@@ -100,9 +187,14 @@ def _from_plain(value: Any, hint: Any) -> Any:
         return value
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if arg is type(None):
-                continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        nested = [a for a in args if isinstance(a, type) and issubclass(a, Config)]
+        if nested and isinstance(value, dict):
+            # An optional nested config: its own errors must surface, not be swallowed.
+            kind = value.get("type")
+            match = [a for a in nested if a.__name__ == kind] or nested[:1]
+            return match[0].from_dict(value)
+        for arg in args:
             try:
                 return _from_plain(value, arg)
             except (TypeError, ConfigError):

@@ -31,3 +31,8 @@ class FormatError(DeepShrinkError):
 
 class ModelError(DeepShrinkError):
     """A model cannot be built, traced or edited as asked."""
+
+
+class OutputError(DeepShrinkError, OSError):
+    """An output cannot be written (no such directory, disk full, would replace an input).
+    Also an OSError, so callers that guard file writes with ``except OSError`` still catch it."""

@@ -51,7 +51,9 @@ def test_load_rejects_bad_files(tmp_path):
 
 def test_weights_without_spec_need_a_model(tmp_path):
     m = nn.Sequential(nn.Linear(3, 2))
-    p = ds.save(m, tmp_path / "plain.safetensors")
+    with pytest.raises(ModelError, match="no architecture spec"):  # said at save time ...
+        ds.save(m, tmp_path / "plain.safetensors")
+    p = ds.save(m, tmp_path / "plain.safetensors", weights_only=True)  # ... unless asked for
     with pytest.raises(ModelError, match="no architecture spec"):
         ds.load(p)
     m2 = ds.load(p, model=nn.Sequential(nn.Linear(3, 2)))
@@ -96,8 +98,11 @@ def test_load_refuses_to_import_code_named_by_a_file(tmp_path):
     p = tmp_path / "evil.safetensors"
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(p),
               metadata={"deepshrink": json.dumps(meta)})
-    with pytest.raises(ModelError, match="not imported"):
+    with pytest.raises(FormatError, match="not a registered model"):
         ds.load(p)
-    # a module the program imported itself is fine
+    # even a module the program imported itself needs the caller's explicit trust
     m2 = ds.create_model("deepshrink.models.reference:mlp", in_size=4)
-    assert ds.load(ds.save(m2, tmp_path / "ok.safetensors"))(torch.rand(1, 1, 4, 4)).shape == (1, 10)
+    p2 = ds.save(m2, tmp_path / "ok.safetensors")
+    with pytest.raises(FormatError, match="trust="):
+        ds.load(p2)
+    assert ds.load(p2, trust=["deepshrink.models"])(torch.rand(1, 1, 4, 4)).shape == (1, 10)

@@ -56,5 +56,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     for row in rows[1:]:
         assert row["bytes"] < base["bytes"], row["stage"]  # every technique makes the file smaller
         assert row["drop_pt"] <= 5.0, row["stage"]
-        assert row["speedup@b1"] > 0 and row["ms@b256"] > 0
+        # a ratio whose spread overlaps 1.0 is shown as noise, never as a misleading number
+        assert row["speedup@b1"] == "~1 (noise)" or row["speedup@b1"] > 0
+        assert row["ms@b256"] > 0
     assert (tmp_path / "demo.json").exists()

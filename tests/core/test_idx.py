@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deepshrink.data import fashion_mnist_available, load_fashion_mnist, load_idx_dir, read_idx, write_idx
-from deepshrink.errors import DataError
+from deepshrink.errors import DataError, FormatError
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -43,7 +43,7 @@ def _raw(tmp_path, data: bytes, name="bad-idx1-ubyte"):
 )
 def test_idx_rejects_corrupt_files_naming_file_and_problem(tmp_path, data, needle):
     p = _raw(tmp_path, data)
-    with pytest.raises(DataError) as exc:
+    with pytest.raises(FormatError) as exc:
         read_idx(p)
     assert needle in str(exc.value)
     assert str(p) in str(exc.value)
@@ -52,7 +52,7 @@ def test_idx_rejects_corrupt_files_naming_file_and_problem(tmp_path, data, needl
 def test_idx_rejects_corrupt_gzip(tmp_path):
     good = gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x02\x05\x06")
     p = _raw(tmp_path, good[:-6], "cut.gz")
-    with pytest.raises(DataError, match="corrupt gzip"):
+    with pytest.raises(FormatError, match="corrupt gzip"):
         read_idx(p)
 
 

@@ -57,4 +57,7 @@ def test_hf_model_from_config_is_seeded():
     ids = torch.randint(0, 100, (2, 7))
     assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
     with pytest.raises(ModelError, match="model_type"):
-        ds.create_model("hf", arch="BertModel", config={})
+        ds.create_model("hf", arch="BertModel", config={"model_type": "vit"})
+    for not_a_model in ("pipeline", "AutoConfig", "PreTrainedModel.from_pretrained", "_os"):
+        with pytest.raises(ModelError, match="no model class"):
+            ds.create_model("hf", arch=not_a_model, config={})

@@ -117,7 +117,7 @@ def test_refuses_to_import_modules_named_by_a_file(tmp_path: Path) -> None:
     m = _pruned_shared()
     object.__setattr__(m, "deepshrink_spec", deepshrink.models.ModelSpec("not_imported_mod_x:build", {}))
     pack(m, tmp_path / "evil.dsz")
-    with pytest.raises(ModelError, match="not imported"):
+    with pytest.raises(FormatError, match="not a registered model"):
         load_dsz(tmp_path / "evil.dsz")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import typer
 
 from deepshrink.cli import compress, core, distill, prune, quantize, run
@@ -14,5 +16,12 @@ for _module in (core, prune, compress, distill, quantize, run):
     _module.register(app)
 
 
+def _on_signal(signum: int, _frame: object) -> None:
+    # Unwind like Ctrl-C, so that `finally` blocks remove temporary files and directories.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     app()

@@ -10,6 +10,7 @@ import typer
 
 from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, out
 from deepshrink.errors import ConfigError
+from deepshrink.fileio import refuse_overwrite
 from deepshrink.measure import ResultTable
 from deepshrink.sharing.pipeline import CompressConfig
 
@@ -67,6 +68,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = compress_config(CompressConfig.from_file(config) if config else CompressConfig(),
                               sparsity=sparsity, bits=bits, conv_bits=conv_bits, epochs=epochs)
+        refuse_overwrite(output, (path,))
         model = load(path)
         bundle = load_dataset(data, data_dir)
         res = compress(model, bundle, cfg, output, stage_dir=stage_dir)
@@ -118,6 +120,7 @@ def register(app: typer.Typer) -> None:
         from deepshrink.dsz import unpack
         from deepshrink.measure import file_bytes
 
+        refuse_overwrite(output, (path,))
         unpack(path, output)
         if as_json:
             emit_json({"input": str(path), "output": str(output), "bytes": file_bytes(output)})

@@ -8,7 +8,17 @@ import torch
 import typer
 
 from deepshrink.checkpoint import load, save
-from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, json_object, out
+from deepshrink.cli.common import (
+    JSON_OPTION,
+    check_inputs,
+    emit_json,
+    err,
+    first_images,
+    friendly_errors,
+    json_object,
+    out,
+    parse_shape,
+)
 from deepshrink.data import load_dataset
 from deepshrink.errors import ConfigError
 from deepshrink.measure import measure_model
@@ -43,6 +53,7 @@ def register(app: typer.Typer) -> None:
             epochs=epochs, lr=lr, seed=seed)
         torch.manual_seed(seed)
         net = create_model(model, **kwargs)
+        check_inputs(net, first_images(bundle, "train"), f"{bundle.name} images")
         result = train(net, bundle, cfg)
         test = evaluate(net, bundle.loader("test", 512))
         save(net, output, extra={"dataset": bundle.name, "train": cfg.to_dict(), "test": test})
@@ -65,6 +76,7 @@ def register(app: typer.Typer) -> None:
         """Top-1/top-5 accuracy of a saved model on a held-out split."""
         net = load(path)
         bundle = load_dataset(data, data_dir)
+        check_inputs(net, first_images(bundle, split), f"{bundle.name} images")
         res = evaluate(net, bundle.loader(split, 512))
         if as_json:
             emit_json({"path": str(path), "split": split, **res})
@@ -81,11 +93,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Summary: parameters, MACs, bytes on disk, sparsity per layer."""
+        shape = parse_shape(input_shape, "--input-shape")
         net = load(path)
-        try:
-            shape = tuple(int(s) for s in input_shape.split(","))
-        except ValueError as exc:
-            raise ConfigError(f"--input-shape must be comma-separated ints, got {input_shape!r}") from exc
+        check_inputs(net, torch.rand(1, *shape), "--input-shape inputs")
         rep = measure_model(net, torch.rand(1, *shape), name=path.name, file=path,
                             latency_batches=(1, 256) if latency else ())
         from deepshrink.dsz import dsz_info, is_dsz  # .dsz files also show their sections
@@ -113,6 +123,8 @@ def register(app: typer.Typer) -> None:
         """Train on the embedded digits data and run the whole compression pipeline."""
         from deepshrink.demo import run_demo
 
+        if threads is not None and not 1 <= threads <= 1024:
+            raise ConfigError(f"--threads must be between 1 and 1024, got {threads}")
         table = run_demo(output, quick=quick, progress=not as_json, threads=threads)
         if as_json:
             emit_json(table.to_dict())

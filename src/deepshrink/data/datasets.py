@@ -107,6 +107,31 @@ def _find(directory: Path, stems: tuple[str, ...]) -> Path:
     raise DataError(f"{directory}: no file named {stems[0]}[.gz]")
 
 
+MAX_CLASSES = 1000
+
+
+def _check_splits(arrays: dict[str, np.ndarray], directory: Path) -> None:
+    """Images (N, H, W) of one dtype and size in both splits, integer labels (N,) in
+    [0, MAX_CLASSES), no empty split."""
+    for split in ("train", "test"):
+        imgs, labs = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
+            raise DataError(f"{directory}: {split} images {imgs.shape} and labels {labs.shape} "
+                            "do not match (want (N, H, W) and (N,))")
+        if len(labs) == 0 or imgs.shape[1] == 0 or imgs.shape[2] == 0:
+            raise DataError(f"{directory}: the {split} split is empty ({imgs.shape})")
+        if labs.dtype.kind not in "iu":
+            raise DataError(f"{directory}: {split} labels are {labs.dtype}, not integers")
+        lo, hi = int(labs.min()), int(labs.max())
+        if lo < 0 or hi >= MAX_CLASSES:
+            raise DataError(f"{directory}: {split} labels range over [{lo}, {hi}], outside "
+                            f"[0, {MAX_CLASSES})")
+    tr, te = arrays["train_images"], arrays["test_images"]
+    if tr.shape[1:] != te.shape[1:] or tr.dtype != te.dtype:
+        raise DataError(f"{directory}: train images are {tr.dtype} {tr.shape[1:]}, test images "
+                        f"{te.dtype} {te.shape[1:]}; both splits must match")
+
+
 def load_idx_dir(directory: str | Path, name: str = "idx", n_val: int = 5000,
                  seed: int = SPLIT_SEED, class_names: tuple[str, ...] | None = None) -> DataBundle:
     """Any directory with the four standard MNIST-style IDX files (.gz or not)."""
@@ -114,12 +139,14 @@ def load_idx_dir(directory: str | Path, name: str = "idx", n_val: int = 5000,
     if not directory.is_dir():
         raise DataError(f"{directory}: not a directory")
     arrays = {k: read_idx(_find(directory, v)) for k, v in _IDX_NAMES.items()}
-    for split in ("train", "test"):
-        imgs, labs = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
-            raise DataError(f"{directory}: {split} images {imgs.shape} and labels {labs.shape} "
-                            "do not match (want (N, H, W) and (N,))")
+    _check_splits(arrays, directory)
     num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+    if class_names is not None and num_classes > len(class_names):
+        raise DataError(f"{directory}: label {num_classes - 1} is out of range for the "
+                        f"{len(class_names)} classes of {name}")
+    if not 0 <= n_val < len(arrays["train_labels"]):
+        raise DataError(f"{directory}: n_val={n_val} must be at least 0 and smaller than the "
+                        f"{len(arrays['train_labels'])} training examples")
     x_tr, y_tr, x_va, y_va = _split_val(arrays["train_images"], arrays["train_labels"], n_val, seed)
     scale = 255.0 if arrays["train_images"].dtype == np.uint8 else 1.0
     names = class_names or tuple(str(i) for i in range(num_classes))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepshrink.coding.codebook import SharedTensor
 from deepshrink.coding.huffman import MAX_LEN, StreamInfo, decode_stream, encode_stream
 from deepshrink.coding.sparse import (
     csr_decode,
@@ -39,7 +40,6 @@ from deepshrink.coding.sparse import (
 from deepshrink.config import Config, check
 from deepshrink.dsz.format import Container
 from deepshrink.errors import FormatError
-from deepshrink.sharing.kmeans import SharedTensor
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

@@ -15,18 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepshrink.checkpoint import register_loader, save
+from deepshrink.coding.codebook import SharedTensor, get_sharing, set_sharing
 from deepshrink.dsz.codec import Encoded, PackConfig, decode_tensor, encode_tensor, record_numel
-from deepshrink.dsz.format import VERSION, Container, read_container, write_container
+from deepshrink.dsz.format import MAGIC, VERSION, Container, read_container, write_container
 from deepshrink.errors import FormatError, ModelError
-from deepshrink.models import ModelSpec, build_from_spec, get_spec
-from deepshrink.models.registry import require_safe_spec
-from deepshrink.sharing.kmeans import SharedTensor, get_sharing, set_sharing
+from deepshrink.fileio import atomic_path
+from deepshrink.models import build_checked, spec_of
 
 MAX_ELEMENTS = 1 << 31
 # A hostile file could declare a huge tensor that a zero-bit code "fills"; the reader refuses to
-# materialise more than this many elements per byte of file (real files are far below: a 95 %
-# sparse layer stores well under 100 weights per byte, a 99.9 % sparse one under 1000).
-ELEMENTS_PER_BYTE = 1024
+# materialise more than this many elements per byte of file. Real files hold about 12 weights
+# per byte (LeNet after pruning + 5-bit sharing + Huffman, bench/results/*.dsz); decoding costs
+# ~50 bytes of memory per element, so 64 keeps a hostile file under ~3 KB of memory per byte.
+ELEMENTS_PER_BYTE = 64
 
 
 @dataclasses.dataclass
@@ -78,7 +80,7 @@ def pack(model: nn.Module, path: str | Path, config: PackConfig | None = None, *
         rows.append({"name": name, "shape": list(t.shape), "index": enc.record["index"]["kind"],
                      "values": enc.record["values"]["kind"], "bytes": enc.nbytes,
                      "streams": {k: v.to_dict() for k, v in enc.streams.items()}})
-    spec = get_spec(model)
+    spec = spec_of(model)
     manifest = {"format": "deepshrink-dsz", "version": VERSION,
                 "spec": spec.to_dict() if spec is not None else None,
                 "extra": extra or {}, "tensors": records}
@@ -96,6 +98,7 @@ class DszContents:
     tensors: dict[str, torch.Tensor]
     sharing: dict[str, SharedTensor]
     size: int
+    data_offset: int
 
 
 def read_dsz(source: str | Path | bytes, *, max_elements: int = MAX_ELEMENTS) -> DszContents:
@@ -133,7 +136,7 @@ def read_dsz(source: str | Path | bytes, *, max_elements: int = MAX_ELEMENTS) ->
         tensors[rec["name"]] = t
         if st is not None:
             sharing[rec["name"]] = st
-    return DszContents(c.manifest, tensors, sharing, c.size)
+    return DszContents(c.manifest, tensors, sharing, c.size, c.data_offset)
 
 
 def _decode(rec: dict[str, Any], c: Container, where: str) -> tuple[torch.Tensor, SharedTensor | None]:
@@ -146,20 +149,20 @@ def _decode(rec: dict[str, Any], c: Container, where: str) -> tuple[torch.Tensor
         raise FormatError(f"{c.where}: {where}: malformed tensor record: {exc}") from exc
 
 
-def load_dsz(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load_dsz(path: str | Path, model: nn.Module | None = None, *, trust: tuple[str, ...] = ()
+             ) -> nn.Module:
     """Rebuild the model stored in a .dsz file (or load its weights into ``model``).
 
-    Architectures given as ``module:callable`` are only built when that module is already
-    imported: a file must not be able to make the loader import arbitrary code.
+    The spec is checked by :func:`deepshrink.models.build_checked`: only registered models,
+    ``transformers`` classes and ``module:callable`` names under a ``trust`` prefix are built.
     """
     contents = read_dsz(path)
     if model is None:
         spec_d = contents.manifest.get("spec")
         if not spec_d:
             raise ModelError(f"{path} has no architecture spec", hint="pass model=... to load into it")
-        spec = ModelSpec.from_dict(spec_d)
-        require_safe_spec(spec, str(path))
-        model = build_from_spec(spec)
+        stored = {k: (t.dtype, tuple(t.shape)) for k, t in contents.tensors.items()}
+        model = build_checked(spec_d, stored, str(path), trust=trust)
     try:
         model.load_state_dict(contents.tensors, strict=True)
     except RuntimeError as exc:
@@ -174,33 +177,32 @@ def unpack(path: str | Path, output: str | Path) -> Path:
     """Decode a .dsz file into an fp32 safetensors checkpoint (rebuildable if it has a spec)."""
     from safetensors.torch import save_file
 
-    from deepshrink.checkpoint import save
-    from deepshrink.fileio import atomic_path
-
     contents = read_dsz(path)
     if contents.manifest.get("spec"):
-        return save(load_dsz(path), output, extra={"unpacked_from": Path(path).name})
+        return save(load_dsz(path), output, extra={"unpacked_from": Path(path).name}, protect=(path,))
     with atomic_path(output, protect=(path,)) as tmp:
         save_file({k: v.contiguous() for k, v in contents.tensors.items()}, str(tmp))
     return Path(output)
 
 
 def dsz_info(path: str | Path) -> dict[str, Any]:
-    """Manifest summary and the sections table of a .dsz file (checksums verified)."""
-    c = read_container(path)
-    m = c.manifest
+    """Manifest summary and the sections table of a .dsz file (checksums verified and every
+    tensor decoded, so a corrupt payload is an error here too)."""
+    contents = read_dsz(path)
+    m = contents.manifest
+    if not all(isinstance(m.get(k), (dict, type(None))) for k in ("spec", "extra")):
+        raise FormatError(f"{path}: manifest 'spec' and 'extra' must be objects or null")
     tensors = []
-    for rec in m.get("tensors", []):
-        if not isinstance(rec, dict):
-            continue
+    for rec in m["tensors"]:
         secs = _section_ids(rec)
         tensors.append({"name": rec.get("name"), "shape": rec.get("shape"), "dtype": rec.get("dtype"),
                         "index": (rec.get("index") or {}).get("kind", "alias" if "alias" in rec else "?"),
                         "values": (rec.get("values") or {}).get("kind", "-"),
                         "bytes": sum(m["sections"][s]["length"] for s in secs
                                      if isinstance(s, int) and 0 <= s < len(m["sections"]))})
-    return {"path": str(path), "bytes": c.size, "version": m.get("version"), "spec": m.get("spec"),
-            "extra": m.get("extra"), "manifest_bytes": c.data_offset - 28,
+    return {"path": str(path), "bytes": contents.size, "version": m.get("version"),
+            "spec": m.get("spec"), "extra": m.get("extra"), "verified": True,
+            "manifest_bytes": contents.data_offset - 28,
             "sections": [{"section": i, **s} for i, s in enumerate(m["sections"])], "tensors": tensors}
 
 
@@ -210,3 +212,10 @@ def _section_ids(rec: dict[str, Any]) -> list[Any]:
         d = rec.get(part) or {}
         out += [d[k] for k in ("stream", "counts", "cols", "data", "codebook", "symbols") if k in d]
     return out
+
+
+def _sniff(head: bytes, path: Path) -> bool:
+    return head[: len(MAGIC)] == MAGIC
+
+
+register_loader("dsz", _sniff, load_dsz)

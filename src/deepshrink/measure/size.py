@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
 from torch import nn
+
+from deepshrink.fileio import scratch_dir
 
 
 def file_bytes(path: str | Path) -> int:
@@ -21,7 +22,7 @@ def fp32_safetensors_bytes(model: nn.Module) -> int:
 
     The file is really written (to a temp dir) and measured; nothing is estimated.
     """
-    with tempfile.TemporaryDirectory() as d:
+    with scratch_dir() as d:
         path = Path(d) / "model.safetensors"
         fp32 = _as_fp32(model)
         save_model(fp32, str(path))

@@ -1,33 +1,53 @@
-"""Model registry: build models by name (``lenet5``) or by ``module.path:callable``.
+"""Model registry: build models by name (``lenet5``) or, from code, by ``module.path:callable``.
 
 Every model built here carries its :class:`ModelSpec` as ``model.deepshrink_spec``, which the
 checkpoint writer stores so that :func:`deepshrink.load` can rebuild the architecture without
-pickle. Structural edits (pruning) are appended to the spec's ``edits`` and replayed on load.
+pickle. Structural edits (pruning, quantization, ...) are appended to the spec's ``edits`` and
+replayed on load (see :mod:`deepshrink.models.spec`, which also decides what a *file* may name).
+
+A registry entry may declare a ``schema`` for its keyword arguments (see
+:mod:`deepshrink.models.schema`); without one, the arguments a file may pass are the factory's
+own parameters, each a JSON scalar or a short list of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from deepshrink.errors import ModelError
+from deepshrink.models.schema import Bool, Float, Int, List, Obj, OneOf, Schema, Str
 
 ModelFactory = Callable[..., nn.Module]
-_REGISTRY: dict[str, ModelFactory] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A registered factory and the schema its keyword arguments must satisfy."""
+
+    factory: ModelFactory
+    kwargs_schema: Schema
+
+
+_REGISTRY: dict[str, Entry] = {}
 
 SPEC_ATTR = "deepshrink_spec"
+# What a file may pass to a factory that declares no schema: plain JSON scalars and short lists.
+_SCALAR = OneOf(Bool(), Int(-(1 << 31), 1 << 31), Float(), Str(max_len=256))
+PLAIN_ARG = OneOf(_SCALAR, List(OneOf(Bool(), Int(-(1 << 31), 1 << 31), Float()), max_len=64))
 
 
 @dataclasses.dataclass
 class ModelSpec:
-    """How to rebuild a model: a registry name or ``module:callable``, its keyword arguments,
-    and the list of structural edits applied since (each a JSON-able dict with a ``kind``)."""
+    """How to rebuild a model: a registry name (or, for trusted code, ``module:callable``), its
+    keyword arguments, and the list of structural edits applied since (each a JSON-able dict
+    with a ``kind``)."""
 
     name: str
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -36,24 +56,34 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kwargs": self.kwargs, "edits": self.edits}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        if not isinstance(data, dict) or "name" not in data:
-            raise ModelError(f"model spec must be a mapping with a 'name', got {data!r:.200}")
-        return cls(str(data["name"]), dict(data.get("kwargs", {})), list(data.get("edits", [])))
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def register_model(name: str | None = None) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator: make a factory available to :func:`create_model` under ``name``."""
+def signature_schema(fn: Callable[..., Any]) -> Schema:
+    """The default kwargs schema of a factory: its named parameters, each a :data:`PLAIN_ARG`."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: accept no arguments
+        return Obj({})
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = {p.name: PLAIN_ARG for p in named if p.default is p.empty}
+    optional = {p.name: PLAIN_ARG for p in named if p.default is not p.empty}
+    return Obj(required, optional)
+
+
+def register_model(name: str | None = None, *, schema: Schema | None = None
+                   ) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator: make a factory available to :func:`create_model` (and to files) under ``name``.
+
+    ``schema`` checks the keyword arguments a file may pass; default: :func:`signature_schema`.
+    """
 
     def wrap(fn: ModelFactory) -> ModelFactory:
         key = name or fn.__name__
-        if key in _REGISTRY and _REGISTRY[key] is not fn:
+        if key in _REGISTRY and _REGISTRY[key].factory is not fn:
             raise ModelError(f"model name {key!r} is already registered")
-        _REGISTRY[key] = fn
+        _REGISTRY[key] = Entry(fn, schema or signature_schema(fn))
         return fn
 
     return wrap
@@ -63,51 +93,46 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registry_entry(name: str) -> Entry | None:
+    return _REGISTRY.get(name)
+
+
+def import_callable(name: str) -> ModelFactory:
+    """Resolve ``module.path:callable`` (public attribute names only). Callers decide trust."""
+    module_name, _, attr = name.partition(":")
+    parts = attr.split(".")
+    if not module_name or not all(p.isidentifier() and not p.startswith("_") for p in parts):
+        raise ModelError(f"{name!r} is not of the form 'module.path:callable'")
+    try:
+        fn: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {exc}") from exc
+    for part in parts:
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ModelError(f"module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ModelError(f"{name!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
 def _resolve(name: str) -> ModelFactory:
     if name in _REGISTRY:
-        return _REGISTRY[name]
+        return _REGISTRY[name].factory
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {exc}") from exc
-        fn = module
-        for part in attr.split("."):
-            fn = getattr(fn, part, None)
-            if fn is None:
-                raise ModelError(f"module {module_name!r} has no attribute {attr!r}")
-        if not callable(fn):
-            raise ModelError(f"{name!r} is not callable")
-        return fn  # type: ignore[return-value]
+        return import_callable(name)
     raise ModelError(
         f"unknown model {name!r}",
         hint=f"registered: {', '.join(list_models())}; or give 'module.path:callable'",
     )
 
 
-# Edit replayers: a structural edit kind -> function(model, edit) -> model. Registered by the
-# technique that records the edit (e.g. channel pruning), so loading stays technique-agnostic.
-EditReplayer = Callable[[nn.Module, dict[str, Any]], nn.Module]
-_EDITS: dict[str, EditReplayer] = {}
-
-
-def register_edit(kind: str) -> Callable[[EditReplayer], EditReplayer]:
-    def wrap(fn: EditReplayer) -> EditReplayer:
-        _EDITS[kind] = fn
-        return fn
-
-    return wrap
-
-
-def _ensure_edit_plugins() -> None:
-    # Techniques register their replayers on import; imported lazily (they import this module).
-    for mod in ("deepshrink.pruning", "deepshrink.quantization"):
-        importlib.import_module(mod)
-
-
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a model by registry name or ``module:callable`` and tag it with its spec."""
+    """Build a model by registry name or ``module:callable`` and tag it with its spec.
+
+    This is the in-code API: the caller chooses what to import. Files go through
+    :func:`deepshrink.models.spec.build_checked`, which only allows what the caller trusts.
+    """
     fn = _resolve(name)
     try:
         model = fn(**kwargs)
@@ -116,33 +141,6 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
     set_spec(model, ModelSpec(name, dict(kwargs)))
-    return model
-
-
-def require_safe_spec(spec: ModelSpec, source: str) -> None:
-    """Refuse a spec read from a file that would import code the user has not imported.
-
-    A ``module:callable`` name makes :func:`create_model` import that module and call into it;
-    from an untrusted file that is arbitrary code execution. Registry names, and modules the
-    program already imported itself, are allowed.
-    """
-    module = spec.name.partition(":")[0]
-    if ":" in spec.name and module not in sys.modules:
-        raise ModelError(f"{source}: architecture {spec.name!r} needs module {module!r}, "
-                         "which is not imported", hint="import it yourself first if you trust this file")
-
-
-def build_from_spec(spec: ModelSpec) -> nn.Module:
-    """Rebuild the architecture a spec describes, replaying its structural edits in order."""
-    model = create_model(spec.name, **spec.kwargs)
-    if spec.edits:
-        _ensure_edit_plugins()
-    for i, edit in enumerate(spec.edits):
-        kind = edit.get("kind")
-        if kind not in _EDITS:
-            raise ModelError(f"edit #{i} has unknown kind {kind!r}", hint=f"known: {sorted(_EDITS)}")
-        model = _EDITS[kind](model, edit)
-    set_spec(model, ModelSpec(spec.name, dict(spec.kwargs), list(spec.edits)))
     return model
 
 

@@ -33,6 +33,7 @@ from deepshrink.checkpoint import save
 from deepshrink.errors import ModelError
 from deepshrink.measure import compare_latency
 from deepshrink.models import get_spec, record_edit, register_edit
+from deepshrink.models.schema import CONV_ARGS, Bool, Int, List, Map, Obj, Str
 
 EDIT_KIND = "packed_sparse"
 MAX_GAP = 255  # uint8 relative index
@@ -189,7 +190,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-@register_edit(EDIT_KIND)
+PACKED_SCHEMA = Obj({"layers": Map(Obj(
+    {"op": Str(choices=tuple(_OPS.values())), "shape": List(Int(0, 1 << 31), min_len=2, max_len=5),
+     "entries": Int(0, 1 << 40), "bias": Bool()}, optional={"conv": CONV_ARGS}))})
+
+
+@register_edit(EDIT_KIND, schema=PACKED_SCHEMA)
 def _replay_packed(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """On load: give each recorded layer packed storage of the recorded size."""
     for name, d in edit.get("layers", {}).items():

@@ -21,6 +21,7 @@ from torch import nn
 from deepshrink.config import Config, check
 from deepshrink.errors import ModelError
 from deepshrink.models import record_edit, register_edit
+from deepshrink.models.schema import Float, Int, List, Map, Obj, Str
 from deepshrink.pruning.graph import ChannelGroup, build_groups
 from deepshrink.pruning.importance import as_batches, list_importance, needs_data, score_groups
 
@@ -218,7 +219,17 @@ def set_fields(model: nn.Module, attrs: dict[str, dict[str, Any]], config: dict[
         setattr(cfg, key, value)
 
 
-@register_edit("channel_prune")
+# The recorded edit, as checked on load: only these module attributes / config fields may be set.
+_COUNT = Int(0, 1 << 31)
+CHANNEL_PRUNE_SCHEMA = Obj(
+    {"slices": Map(Map(List(_COUNT, max_len=1 << 24), key=Str(choices=("in", "out", "along"))))},
+    optional={"attrs": Map(Obj({}, optional={"num_attention_heads": _COUNT, "all_head_size": _COUNT})),
+              "config": Obj({}, optional={"num_attention_heads": _COUNT, "head_dim": _COUNT,
+                                          "intermediate_size": _COUNT}),
+              "importance": Str(), "ratio": Float(0.0, 1.0)})
+
+
+@register_edit("channel_prune", schema=CHANNEL_PRUNE_SCHEMA)
 def replay_channel_prune(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild the smaller architecture on load from the recorded kept indices."""
     apply_slices(model, edit.get("slices", {}))

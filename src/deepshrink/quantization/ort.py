@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from deepshrink.checkpoint import register_loader
 from deepshrink.errors import FormatError, ModelError
 
 
@@ -48,9 +50,16 @@ class OrtModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.nbytes = len(data)
 
-    def __call__(self, x: torch.Tensor | dict[str, torch.Tensor] | np.ndarray) -> torch.Tensor:
-        feeds = ({k: _np(v) for k, v in x.items()} if isinstance(x, dict)
-                 else {self.input_names[0]: _np(x)})
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Inputs as the torch model took them: one tensor, positional tensors, a dict, or
+        keyword tensors (named like the ONNX inputs)."""
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            kwargs, args = args[0], ()
+        feeds = {k: _np(v) for k, v in kwargs.items() if v is not None}
+        feeds.update({n: _np(v) for n, v in zip(self.input_names, args, strict=False)})
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ModelError(f"the ONNX model needs inputs {missing}")
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
     def __repr__(self) -> str:
@@ -62,3 +71,38 @@ def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
         return x
     x = x.detach()
     return x.numpy() if x.is_floating_point() is False else x.float().contiguous().numpy()
+
+
+class OnnxModule(nn.Module):
+    """An ``.onnx`` file as an ``nn.Module`` (what :func:`deepshrink.load` returns for one): its
+    forward runs ONNX Runtime, so evaluation and latency measurement treat it like any model.
+    It has no torch parameters; ``onnx_params`` counts the weights stored in the graph."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.ort = OrtModel(path, threads=threads or torch.get_num_threads())
+        self.onnx_params = _initializer_count(path)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.ort(*args, **kwargs)
+
+
+def _initializer_count(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def load_onnx(path: Path, model: nn.Module | None = None, *, trust: Any = ()) -> nn.Module:
+    if model is not None:
+        raise ModelError(f"{path} is an ONNX graph: it cannot load into a torch model")
+    return OnnxModule(path)
+
+
+def _is_onnx(head: bytes, path: Path) -> bool:
+    return path.suffix.lower() == ".onnx"
+
+
+register_loader("onnx", _is_onnx, load_onnx)

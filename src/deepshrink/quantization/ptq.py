@@ -29,6 +29,7 @@ from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.errors import DataError
 from deepshrink.models import record_edit, register_edit
+from deepshrink.models.schema import CONV_ARGS, Bool, Int, List, Map, Obj, Str
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
 from deepshrink.quantization.modules import (
     MODES,
@@ -218,7 +219,16 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calibration_data
     return model
 
 
-@register_edit("quantize")
+_QSPEC = Obj({}, optional={"type": Str(choices=("QuantSpec",)), "bits": Int(1, 8), "symmetric": Bool(),
+                           "granularity": Str(choices=GRANULARITIES), "group_size": Int(1, 1 << 20),
+                           "narrow": Bool(), "axis": Int(-8, 8)})
+QUANTIZE_SCHEMA = Obj({"layers": Map(Obj(
+    {"kind": Str(choices=("linear", "conv1d", "conv2d", "embedding")), "mode": Str(choices=MODES),
+     "spec": _QSPEC, "shape": List(Int(0, 1 << 31), min_len=1, max_len=5)},
+    optional={"bias": Bool(), "conv": CONV_ARGS, "act_bits": Int(1, 16), "out_q": Bool()}))})
+
+
+@register_edit("quantize", schema=QUANTIZE_SCHEMA)
 def _replay_quantize(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild empty quantized layers of the recorded shapes; the file fills their buffers."""
     for name, meta in edit["layers"].items():

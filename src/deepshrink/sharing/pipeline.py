@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.dsz import PackConfig, PackReport, load_dsz, pack
+from deepshrink.fileio import scratch_dir
 from deepshrink.measure import ResultTable, count_params, fp32_safetensors_bytes
 from deepshrink.pruning import MaskCallback, UnstructuredConfig, iterative_prune, make_permanent
 from deepshrink.sharing.finetune import CentroidFineTune
@@ -148,7 +148,7 @@ def compress(model: nn.Module, data: DataBundle, config: CompressConfig | None =
     _, nz = count_params(ref)
     table.add(stage="baseline (fp32 safetensors)", nonzero=nz, bytes=fp32, ratio=1.0, top1=base["top1"],
               val_top1=base["val_top1"], drop_pt=0.0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         sdir = Path(stage_dir) if stage_dir else Path(tmp)
         sdir.mkdir(parents=True, exist_ok=True)
         fixed = dataclasses.replace(cfg.pack, entropy="fixed")

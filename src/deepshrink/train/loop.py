@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
+from deepshrink.errors import ModelError
 from deepshrink.modeling import output_tensor
 from deepshrink.progress import console, make_progress
 
@@ -172,6 +173,14 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.T
         :, :, max_shift:-max_shift, max_shift:-max_shift]
 
 
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg: TrainConfig) -> None:
+    """Stop at the first NaN/inf loss: every later step would only spread it into the weights."""
+    if not math.isfinite(float(loss.detach())):
+        raise ModelError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, "
+                         f"step {step}", hint=f"lower the learning rate (lr={cfg.lr}) or check the data "
+                                              "for NaN/inf values")
+
+
 def default_loss(cfg: TrainConfig) -> LossFn:
     def loss(outputs: torch.Tensor, targets: torch.Tensor, batch: Sequence[torch.Tensor]) -> Any:
         return F.cross_entropy(outputs, targets, label_smoothing=cfg.label_smoothing)
@@ -239,6 +248,7 @@ def train(model: nn.Module, data: DataBundle | DataLoader, config: TrainConfig |
                 loss = res["loss"] if isinstance(res, dict) else res
                 for cb in cbs:
                     loss = cb.on_loss(state, loss)
+                _check_finite(loss, epoch, state.step, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for cb in cbs:
