@@ -364,15 +364,18 @@ def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: st
         log(f"rung {rung}: {len(pool)} candidate(s), budget {RUNG_BUDGET[rung]}")
         rung_trials = []
         for i, knobs in enumerate(pool):
-            if config.time_budget is not None and elapsed() + _estimate(state, rung) > config.time_budget:
+            # A trial already in the state costs nothing now: resuming replays it, budget or not.
+            known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung
+                        for t in state.data["trials"].values())
+            budget_left = config.time_budget is None or (
+                elapsed() + _estimate(state, rung) <= config.time_budget)
+            if not known and not budget_left:
                 stopped = f"time budget of {config.time_budget:.0f} s spent (next trial would not fit)"
                 break
-            if max_trials is not None and new >= max_trials:
+            if not known and max_trials is not None and new >= max_trials:
                 stopped = f"stopped after {max_trials} new trial(s)"
                 break
             log(f"[trial {i + 1}/{len(pool)}, rung {rung}, {elapsed():.0f} s]")
-            known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung
-                        for t in state.data["trials"].values())
             c0 = elapsed()
             rec = _trial(knobs, rung, config, state, model, data, out, str(model_file), log)
             rec.setdefault("clock_seconds", elapsed() - c0)
