@@ -94,6 +94,10 @@ def run_part(part: str, data: Any, work: Path, ref: dict[str, Any], args: argpar
             "front_latency": [{k: s.get(k) for k in keep if k != "recipe"} for s in r["selected"]
                               if s["trial"] in r["fronts"]["latency"]],
             "report": str(html.relative_to(ROOT)),
+            # The search's own clock over all its sessions (resumed runs included) and any notes
+            # the state carries (e.g. a trial run in a parallel process and merged into it).
+            "search_clock_seconds": r["seconds"],
+            "state_notes": json.loads((work / part / "search-state.json").read_text()).get("notes", []),
             "wall_seconds": time.perf_counter() - w0, "cpu_seconds": time.process_time() - c0}
 
 
