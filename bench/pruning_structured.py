@@ -1,17 +1,21 @@
-"""Structured (channel / head) pruning bench.
+"""Structured (channel / head / hidden-size) pruning bench.
 
-(1) Fashion-MNIST LeNet-5 from the committed baseline (bench/results/lenet5.safetensors): remove
-    50 % of the channels / neurons of conv1, conv2 and fc1 (never the output layer), pick the
-    importance criterion by validation accuracy right after the cut, fine-tune with the shared
-    training loop (best epoch by validation accuracy), and report params, MACs, bytes on disk, test
-    accuracy and latency ratios vs the unpruned model (batch 1 and 256, one interleaved run).
-    Writes bench/results/lenet5-channels.safetensors and checks that deepshrink.load rebuilds it.
-(2) transformers ResNet, ViT and BERT (random init from small but real configs): 50 % of heads,
-    FFN neurons and ResNet block channels removed; forward runs, parameter and MAC reductions,
-    latency ratios in one run, save -> load -> identical outputs.
+(1) ``--part lenet5``: Fashion-MNIST LeNet-5 from the committed baseline: 50 % of conv1, conv2 and
+    fc1 removed, criterion chosen on validation, fine-tuned, params/MACs/bytes/test accuracy and
+    latency ratios vs the unpruned model (slow: ~1 h on the shared machine; not rerun in turn 3).
+(2) ``--part bert``: a 6-layer hidden-384 BERT encoder (random init, vocab 30522, 12 heads,
+    FFN 1536) with 50 % of heads, FFN neurons and hidden size removed: params, MACs and latency at
+    batch 8 x 128 tokens vs the unpruned model in one interleaved run (floors: <= 9 M params,
+    >= 3x faster).
+(3) ``--part archs``: every architecture of the test suite (tiny configs, random init) at 50 %,
+    with and without hidden-size pruning: params / MACs / latency ratios at batch 8 and whether
+    save -> load gives identical outputs.
+(4) ``--part importance``: LeNet-5 (committed baseline) and resnet_small (trained here, short) on
+    Fashion-MNIST, 50 % pruned with group (coupled) vs producer-only L1 importance, the same
+    fine-tune for both, 3 seeds; validation and test accuracy.
 
-    .venv/bin/python bench/pruning_structured.py                 # both parts
-    .venv/bin/python bench/pruning_structured.py --part hf       # transformers only
+    .venv/bin/python bench/pruning_structured.py --part bert
+    nice .venv/bin/python bench/pruning_structured.py --part importance
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deepshrink
 from _common import RESULTS, write_results
+from _structured_parts import arch_part, bert_part, importance_part
 from deepshrink.data import load_fashion_mnist
 from deepshrink.measure import compare_latency, count_macs, count_params, file_bytes
-from deepshrink.models import create_model
 from deepshrink.pruning.structured import ChannelConfig, prune_channels
 from deepshrink.train import TrainConfig, evaluate, train
 
@@ -77,12 +80,13 @@ def lenet5_part() -> dict[str, Any]:
             key = f"{split}/{name}"
             trials[key] = ChannelConfig(ratio=0.5, importance=name, overrides=overrides,
                                         calibration_batches=8)
-            m = prune_channels(copy.deepcopy(base), trials[key], example, calibration=calib)
+            m = prune_channels(copy.deepcopy(base), trials[key], example_inputs=example,
+                               calibration=calib).model
             one_shot[key] = evaluate(m, val_loader)["top1"]
             print(f"one-shot {key}: val top-1 {100 * one_shot[key]:.2f}%", flush=True)
     best = max(one_shot, key=lambda k: one_shot[k])
     cfg = trials[best]
-    pruned = prune_channels(copy.deepcopy(base), cfg, example, calibration=calib)
+    pruned = prune_channels(copy.deepcopy(base), cfg, example_inputs=example, calibration=calib).model
     widths = {name: (m.out_channels if hasattr(m, "out_channels") else m.out_features)
               for name, m in pruned.named_modules() if hasattr(m, "weight") and m.weight is not None}
     before_ft = evaluate(pruned, test_loader)["top1"]
@@ -134,87 +138,21 @@ def lenet5_part() -> dict[str, Any]:
     return row
 
 
-HF = {
-    "resnet18-ish": ("ResNetForImageClassification",
-                     {"model_type": "resnet", "embedding_size": 64, "hidden_sizes": [64, 128, 256, 512],
-                      "depths": [2, 2, 2, 2], "layer_type": "basic", "num_labels": 10},
-                     lambda b: torch.rand(b, 3, 112, 112), "3x112x112 images"),
-    "vit-small-ish": ("ViTForImageClassification",
-                      {"model_type": "vit", "hidden_size": 192, "num_hidden_layers": 6,
-                       "num_attention_heads": 4, "intermediate_size": 768, "image_size": 224,
-                       "patch_size": 16, "num_labels": 10},
-                      lambda b: torch.rand(b, 3, 224, 224), "3x224x224 images"),
-    "bert-mini": ("BertForSequenceClassification",
-                  {"model_type": "bert", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                   "intermediate_size": 1024, "num_labels": 2},
-                  lambda b: torch.randint(0, 30522, (b, 128), generator=torch.Generator().manual_seed(0)),
-                  "128 tokens, vocab 30522"),
-}
-
-
-def _encoder_params(model: torch.nn.Module) -> int:
-    """Parameters outside the embeddings (BERT's 7.8M-entry word embedding dwarfs the encoder)."""
-    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
-
-
-def hf_part(latency_batches: tuple[int, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, (arch, cfg, make, inputs) in HF.items():
-        t0 = time.perf_counter()
-        base = create_model("hf", arch=arch, config=cfg, seed=0)
-        pruned = prune_channels(copy.deepcopy(base), ChannelConfig(ratio=0.5, importance="l1"), make(2))
-        x = make(2)
-        with torch.no_grad():
-            y1 = pruned(x).logits
-        with tempfile.TemporaryDirectory() as d:
-            b0 = file_bytes(deepshrink.save(base, Path(d) / "base.safetensors"))
-            path = deepshrink.save(pruned, Path(d) / "pruned.safetensors")
-            b1 = file_bytes(path)
-            again = deepshrink.load(path)
-        with torch.no_grad():
-            identical = bool(torch.equal(again(x).logits, y1))
-        p0, p1 = count_params(base)[0], count_params(pruned)[0]
-        m0, m1 = count_macs(base, make(1))[0], count_macs(pruned, make(1))[0]
-        rep = pruned.deepshrink_channel_report
-        # Many one-call rounds, alternating the two models; each keeps its fastest round. Load spikes
-        # on the shared machine only ever add time, so the minimum is the least contaminated figure.
-        latency = [lat_ratio({"unpruned": base, "pruned": pruned}, make(b), rounds=12, warmup=1, repeats=1,
-                             min_time_s=0.0) for b in latency_batches]
-        c = pruned.config
-        out[name] = {
-            "arch": arch, "config": cfg, "inputs": inputs, "forward_runs": bool(torch.isfinite(y1).all()),
-            "output_shape": list(y1.shape), "params": [p0, p1], "params_ratio": p0 / p1,
-            "encoder_params": [_encoder_params(base), _encoder_params(pruned)],
-            "macs": [m0, m1], "macs_ratio": m0 / m1, "bytes": [b0, b1],
-            "config_after": {k: getattr(c, k, None) for k in ("num_attention_heads", "head_dim",
-                                                               "intermediate_size", "hidden_sizes")},
-            "groups_pruned": {kind: sum(1 for g in rep["pruned"] if g["kind"] == kind)
-                              for kind in ("head", "ffn", "channel")},
-            "channels_kept_fraction": (sum(g["kept"] for g in rep["pruned"])
-                                       / sum(g["size"] for g in rep["pruned"])),
-            "skipped": rep["skipped"][:5], "latency": latency,
-            "save_load_identical_outputs": identical, "seconds": time.perf_counter() - t0,
-        }
-        print(f"{name}: params x{p0 / p1:.2f}, MACs x{m0 / m1:.2f}, speedup "
-              + ", ".join(f"b{r['batch']} x{r['speedup']:.2f}" for r in latency)
-              + f", reload identical {identical}", flush=True)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--part", choices=("all", "lenet5", "hf"), default="all")
+    ap.add_argument("--part", choices=("lenet5", "bert", "archs", "importance"), required=True)
+    ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     payload: dict[str, Any] = {"command": "python bench/pruning_structured.py",
                                "note": "latency on a 2-core machine shared with other jobs: ratios come from "
                                        "one interleaved run per batch size but remain noisy"}
-    if args.part in ("all", "lenet5"):
-        payload["lenet5_fmnist"] = lenet5_part()
-    if args.part in ("all", "hf"):
-        # Batch 1 and 8: a batch of 256 ViT images or BERT sequences takes minutes on 2 shared cores.
-        payload["transformers"] = hf_part((1, 8))
+    torch.set_num_threads(1)  # the shared machine: one thread, ratios from interleaved runs
+    part = {"lenet5": lenet5_part, "bert": bert_part, "archs": arch_part,
+            "importance": lambda: importance_part(args.seeds)}[args.part]
+    payload[args.part if args.part != "lenet5" else "lenet5_fmnist"] = part()
+    payload["command"] = f"python bench/pruning_structured.py --part {args.part}"
     path = RESULTS / "pruning_structured.json"
-    if path.exists() and args.part != "all":  # keep the other part's results (read at write time)
+    if path.exists():  # keep the other parts' results (read at write time)
         prev = json.loads(path.read_text())
         prev.pop("machine", None)
         payload = {**prev, **payload}

@@ -25,10 +25,6 @@ RANK = {name: i for i, name in enumerate(LAYERS)}
 #: Violations that exist on main today and are being removed in open work (issues 9 and 16). The
 #: test fails on any new one, and on a listed one that is gone (so the list only shrinks).
 KNOWN: set[str] = {
-    "deepshrink.pruning.hf:126 uses private st._shape_of",
-    "deepshrink.pruning.hf:163 uses private st._shape_of",
-    "deepshrink.pruning.hf:126 uses private st._forward",
-    "deepshrink.pruning.hf:163 uses private st._forward",
     "deepshrink.quantization.onnx_export:37 imports private deepshrink.quantization.modules._apply",
 }
 

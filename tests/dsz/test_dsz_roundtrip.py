@@ -135,7 +135,7 @@ def test_structural_edits_travel_with_the_file(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     m = create_model("lenet300", in_size=8)
-    prune(m, ChannelConfig(ratio=0.5), torch.rand(2, 1, 8, 8))
+    prune(m, ChannelConfig(ratio=0.5), example_inputs=torch.rand(2, 1, 8, 8))
     assert deepshrink.models.get_spec(m).edits  # the smaller architecture is an edit
     share(m, KMeansConfig(bits=4))
     pack(m, tmp_path / "c.dsz")

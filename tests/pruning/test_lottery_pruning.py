@@ -31,7 +31,7 @@ def test_lottery_ticket_rounds_with_early_rewind() -> None:
     torch.manual_seed(0)
     m = create_model("lenet300", in_size=8)
     data = load_digits()
-    _, hist = lottery_ticket(m, data, UnstructuredConfig(ratio=0.75),
+    _, hist = lottery_ticket(m, UnstructuredConfig(ratio=0.75), data,
                              TrainConfig(epochs=1, progress=False), rounds=2, rewind_steps=3)
     assert [h.round for h in hist] == [0, 1, 2]
     assert hist[0].sparsity == 0.0

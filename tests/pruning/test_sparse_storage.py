@@ -8,7 +8,7 @@ import torch
 import deepshrink
 from deepshrink.measure import count_params, file_bytes
 from deepshrink.models import create_model
-from deepshrink.pruning import PackedLayer, UnstructuredConfig, prune, save_sparse, unpack
+from deepshrink.pruning import PackedLayer, UnstructuredConfig, prune, save_sparse, to_dense_layers
 from deepshrink.pruning.sparse import decode_relative, encode_relative
 
 
@@ -51,7 +51,7 @@ def test_bytes_fall_with_sparsity_and_reload_identical(tmp_path) -> None:
         assert count_params(back) == count_params(m)
         # the saved model is untouched, and the loaded one unpacks to ordinary layers
         assert isinstance(m[2], torch.nn.Linear)
-        plain = unpack(back)
+        plain = to_dense_layers(back)
         assert isinstance(plain[2], torch.nn.Linear) and torch.equal(plain(x), m(x))
         assert all(e["kind"] != "packed_sparse" for e in plain.deepshrink_spec.edits)
     assert sizes[0] > sizes[1] > sizes[2]

@@ -10,7 +10,7 @@ from deepshrink.pruning import UnstructuredConfig
 
 def test_json_round_trip() -> None:
     cfg = UnstructuredConfig(ratio=0.9, scope="global", overrides={"2": 0.5, r"fc\d+": 0.7},
-                             layer_types=("Linear",), exclude=("head",), skip_last=True)
+                             layer_types=("Linear",), ignore=("head",), skip_last=True)
     back = UnstructuredConfig.from_json(cfg.to_json())
     assert back == cfg
     assert isinstance(back.layer_types, tuple)

@@ -216,7 +216,8 @@ def base_models() -> dict[str, torch.nn.Module]:
     share(mlp, KMeansConfig(bits=3))
     models["mlp-shared"] = mlp
     lenet = deepshrink.create_model("lenet5", in_size=16, num_classes=3)
-    models["lenet5-channels"] = prune_channels(lenet, ChannelConfig(ratio=0.5), torch.rand(2, 1, 16, 16))
+    models["lenet5-channels"] = prune_channels(lenet, ChannelConfig(ratio=0.5),
+                                               example_inputs=torch.rand(2, 1, 16, 16)).model
     q = deepshrink.create_model("mlp", in_size=4, hidden=8, num_classes=3)
     models["mlp-int8"] = quantize(q, PTQConfig(mode="weight-only"))
     try:  # noqa: SIM105 - a multi-line call reads better than suppress()

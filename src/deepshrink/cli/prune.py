@@ -4,7 +4,6 @@ fine-tuning, written as a compact sparse file (weights) or a smaller architectur
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,8 @@ def register(app: typer.Typer) -> None:
         override: list[str] = typer.Option([], help="NAME=AMOUNT per layer (name or regex); repeat."),
         skip_last: bool = typer.Option(False, help="Leave the last layer (the classifier) dense."),
         importance: str = typer.Option("l1", help="channel: l1, l2, activation, apoz or taylor."),
+        hidden: bool = typer.Option(False, help="channel: also prune the hidden size (residual "
+                                    "stream, embeddings, norms); recover by fine-tuning."),
         config: Path | None = typer.Option(None, help="UnstructuredConfig / ChannelConfig as JSON/YAML."),
         schedule: str = typer.Option("oneshot", help=f"One of {', '.join(SCHEDULES)} (unstructured)."),
         rounds: int = typer.Option(3, help="iterative: prune/fine-tune rounds; gradual: pruning steps."),
@@ -87,6 +88,7 @@ def register(app: typer.Typer) -> None:
             ChannelConfig,
             GradualPruning,
             MaskCallback,
+            gradual_frequency,
             iterative_prune,
             make_permanent,
             prune,
@@ -117,7 +119,8 @@ def register(app: typer.Typer) -> None:
 
         if channel:
             cfg: Any = (ChannelConfig.from_file(config) if config else
-                        ChannelConfig(ratio=ratio, importance=importance, overrides=_overrides(override)))
+                        ChannelConfig(ratio=ratio, importance=importance, overrides=_overrides(override),
+                                      hidden=hidden))
             if bundle is not None:
                 example = bundle.test.tensors[0][:2]
             else:
@@ -127,7 +130,7 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(f"--input-shape must be comma-separated ints, "
                                       f"got {input_shape!r}") from exc
             calib = bundle.loader("train", 64, seed=seed) if bundle is not None else None
-            model = prune(model, cfg, example, calibration=calib)
+            model = prune(model, cfg, example_inputs=example, calibration=calib)
             if epochs > 0:
                 train(model, bundle, ft)
             with atomic_path(output, protect=(input,)) as tmp:
@@ -141,8 +144,7 @@ def register(app: typer.Typer) -> None:
                 info["rounds"] = [h.to_dict() for h in hist]
             elif schedule == "gradual":
                 steps = len(bundle.loader("train", ft.batch_size)) * ft.epochs
-                freq = max(1, math.floor(0.75 * steps / rounds))  # reach the target at ~3/4 of training
-                cb = GradualPruning(cfg, n=rounds, frequency=freq)
+                cb = GradualPruning(cfg, n=rounds, frequency=gradual_frequency(steps, rounds))
                 train(model, bundle, ft, callbacks=[cb])
                 info["gradual"] = [{"step": t, "sparsity": s} for t, s in cb.log]
             else:

@@ -17,7 +17,7 @@ def demo_stage(ctx: Any) -> None:
     """Remove 50 % of the hidden neurons (300 -> 150, 100 -> 50), fine-tune, add the row."""
     model = ctx.fresh_baseline()
     calib = ctx.data.loader("train", 128, shuffle=True, seed=0)
-    prune_channels(model, DEMO_CONFIG, ctx.example(2), calibration=calib)
+    prune_channels(model, DEMO_CONFIG, example_inputs=ctx.example(2), calibration=calib)
     ft = TrainConfig(epochs=6 if ctx.quick else 12, batch_size=64, lr=2e-3, scheduler="cosine",
                      keep_best=True, progress=False)
     train(model, ctx.data, ft)

@@ -30,20 +30,27 @@ from deepshrink.pruning.masks import (
     reapply_masks,
     remove,
 )
-from deepshrink.pruning.schedules import GradualPruning, iterative_prune, oneshot, polynomial_sparsity
+from deepshrink.pruning.schedules import (
+    GradualPruning,
+    gradual_frequency,
+    iterative_prune,
+    oneshot,
+    polynomial_sparsity,
+)
 from deepshrink.pruning.sensitivity import Sensitivity, sensitivity_scan
 from deepshrink.pruning.sparse import (  # importing registers the packed_sparse spec edit
     PackedLayer,
     SparseLinear,
     measure_crossover,
-    pack,
     save_sparse,
     sparse_inference_plan,
+    to_dense_layers,
+    to_packed_layers,
     to_sparse_inference,
-    unpack,
 )
 from deepshrink.pruning.structured import (  # importing registers the structured edit replayer
     ChannelConfig,
+    PruneResult,
     prune_channels,
 )
 from deepshrink.pruning.unstructured import (
@@ -57,19 +64,22 @@ from deepshrink.pruning.unstructured import (
 )
 
 
-def prune(model: nn.Module, config: Config, example_inputs: Any = None, **kw: Any) -> nn.Module:
-    """Prune ``model`` as ``config`` says and return it.
+def prune(model: nn.Module, config: Config, *, example_inputs: Any = None,
+          calibration: Any = None) -> nn.Module:
+    """Prune ``model`` **in place** as ``config`` says and return it.
 
-    * :class:`UnstructuredConfig`: in place; pruned weights are zeroed and masks attached.
-    * ``ChannelConfig`` (structured): returns a physically smaller model; needs ``example_inputs``
-      to trace the model; extra keywords (e.g. calibration data) go to ``prune_channels``.
+    * :class:`UnstructuredConfig`: pruned weights are zeroed and masks attached.
+    * :class:`ChannelConfig` (structured): the model becomes physically smaller; needs
+      ``example_inputs`` (tensor, tuple or tokenizer dict) to trace one forward pass;
+      ``calibration`` feeds data criteria. For the report (what was pruned, what was skipped
+      and why) call :func:`prune_channels`, which returns a :class:`PruneResult`.
     """
     if isinstance(config, UnstructuredConfig):
-        if kw:
-            raise ConfigError(f"prune(UnstructuredConfig) takes no extra arguments, got {sorted(kw)}")
+        if example_inputs is not None or calibration is not None:
+            raise ConfigError("prune(UnstructuredConfig) reads no example_inputs or calibration")
         return prune_unstructured(model, config)
     if isinstance(config, ChannelConfig):
-        return prune_channels(model, config, example_inputs, **kw)
+        return prune_channels(model, config, example_inputs=example_inputs, calibration=calibration).model
     raise ConfigError(f"prune() got a {type(config).__name__}; expected UnstructuredConfig or ChannelConfig")
 
 
@@ -79,6 +89,7 @@ __all__ = [
     "MaskCallback",
     "Masks",
     "PackedLayer",
+    "PruneResult",
     "Sensitivity",
     "SparseLinear",
     "UnstructuredConfig",
@@ -86,6 +97,7 @@ __all__ = [
     "check_masks",
     "compute_masks",
     "get_masks",
+    "gradual_frequency",
     "iterative_prune",
     "lottery_ticket",
     "magnitude_scores",
@@ -96,7 +108,6 @@ __all__ = [
     "masks_from_zeros",
     "measure_crossover",
     "oneshot",
-    "pack",
     "polynomial_sparsity",
     "prune",
     "prune_channels",
@@ -109,6 +120,7 @@ __all__ = [
     "sensitivity_scan",
     "snapshot",
     "sparse_inference_plan",
+    "to_dense_layers",
+    "to_packed_layers",
     "to_sparse_inference",
-    "unpack",
 ]

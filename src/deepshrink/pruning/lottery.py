@@ -49,7 +49,7 @@ class LotteryRound:
         return dataclasses.asdict(self)
 
 
-def lottery_ticket(model: nn.Module, data: DataBundle | DataLoader, cfg: UnstructuredConfig,
+def lottery_ticket(model: nn.Module, cfg: UnstructuredConfig, data: DataBundle | DataLoader,
                    train_cfg: TrainConfig, *, rounds: int = 3, rewind_steps: int = 0,
                    val_loader: DataLoader | None = None) -> tuple[nn.Module, list[LotteryRound]]:
     """Iterative magnitude pruning with rewinding, from the model's *current* (initial) weights.

@@ -84,6 +84,15 @@ def polynomial_sparsity(step: int, initial: float, final: float, begin_step: int
     return final + (initial - final) * (1.0 - t / span) ** 3
 
 
+def gradual_frequency(total_steps: int, updates: int, finish_at: float = 0.75) -> int:
+    """Optimizer steps between pruning updates so that ``updates`` of them reach the target at
+    ``finish_at`` of training (the rest recovers at the final sparsity)."""
+    if updates < 1 or total_steps < 1 or not 0.0 < finish_at <= 1.0:
+        raise ConfigError(f"gradual_frequency: need total_steps >= 1, updates >= 1 and finish_at in "
+                          f"(0, 1], got {total_steps}, {updates}, {finish_at}")
+    return max(1, math.floor(finish_at * total_steps / updates))
+
+
 class GradualPruning(Callback):
     """Raise sparsity during training along the Zhu & Gupta cubic: every ``frequency`` optimizer
     steps from ``begin_step`` for ``n`` updates, prune to ``cfg.scaled`` at the current sparsity.

@@ -98,7 +98,7 @@ def sensitivity_scan(model: nn.Module, val_loader: DataLoader, *,
                      cfg: UnstructuredConfig | None = None) -> Sensitivity:
     """Prune each selected layer alone (magnitude, per layer) at each ratio and measure val top-1.
 
-    ``cfg`` selects the layers (layer_types / exclude / skip_last); its ratio is not used.
+    ``cfg`` selects the layers (layer_types / ignore / skip_last); its ratio is not used.
     """
     bad = [r for r in ratios if not 0.0 <= r < 1.0]
     if bad or not ratios:

@@ -7,7 +7,8 @@ a gap over 255 is bridged by filler entries (gap 255, value 0). That is 5 bytes 
 against 4 per dense weight, so a layer is packed only when that is smaller (above ~20 % sparsity).
 The file's spec records a ``packed_sparse`` edit; :func:`deepshrink.load` replays it, so the file
 loads into a model whose packed layers (:class:`PackedLayer`) decode their weight once and compute
-exactly what the dense masked model computes. :func:`unpack` turns them back into ordinary layers.
+exactly what the dense masked model computes. :func:`to_dense_layers` turns them back into
+ordinary layers (``pack`` / ``unpack`` are the .dsz container's words, :mod:`deepshrink.dsz`).
 
 **Sparse inference.** :class:`SparseLinear` multiplies with a torch CSR weight. Whether that beats
 the dense BLAS matmul depends on shape, batch size, sparsity and machine; :func:`measure_crossover`
@@ -30,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepshrink.checkpoint import save
-from deepshrink.errors import ModelError
+from deepshrink.coding.sparse import relative_decode, relative_encode
+from deepshrink.errors import FormatError, ModelError
 from deepshrink.measure import compare_latency
+from deepshrink.modeling import set_submodule
 from deepshrink.models import get_spec, record_edit, register_edit
 from deepshrink.models.schema import CONV_ARGS, Bool, Int, List, Map, Obj, Str
 
@@ -46,18 +49,19 @@ _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 
 def encode_relative(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values fp32, gaps uint8) of ``w``'s non-zeros in row-major order. ``gaps[i]`` is the
-    distance from the previous stored entry (the first counts from position -1)."""
+    distance from the previous stored entry (the first counts from position -1); a gap over 255
+    is bridged by filler entries (gap 255, value 0), as Han et al. store them.
+
+    The positions are coded by :func:`deepshrink.coding.relative_encode` (8 bits: symbol ``s <
+    255`` skips ``s`` zeros then holds a value, 255 skips 255 zeros); a stored gap is ``s + 1``
+    for a value and 255 for a filler, which lands every entry on the same position."""
     flat = w.detach().reshape(-1).float()
     pos = torch.nonzero(flat).reshape(-1)
-    d = torch.diff(pos, prepend=torch.tensor([-1]))
-    fillers = (d - 1) // MAX_GAP  # entries of gap 255 needed before the real one
-    counts = fillers + 1
-    ends = torch.cumsum(counts, 0) - 1
-    n = int(counts.sum())
-    gaps = torch.full((n,), MAX_GAP, dtype=torch.uint8)
-    gaps[ends] = (d - MAX_GAP * fillers).to(torch.uint8)
-    values = torch.zeros(n, dtype=torch.float32)
-    values[ends] = flat[pos]
+    symbols = torch.from_numpy(relative_encode(pos.numpy(), MAX_GAP.bit_length()))
+    filler = symbols == MAX_GAP
+    gaps = torch.where(filler, symbols, symbols + 1).to(torch.uint8)
+    values = torch.zeros(len(symbols), dtype=torch.float32)
+    values[~filler] = flat[pos]
     return values, gaps
 
 
@@ -66,12 +70,17 @@ def decode_relative(values: torch.Tensor, gaps: torch.Tensor, shape: Sequence[in
     numel = 1
     for s in shape:
         numel *= int(s)
-    pos = torch.cumsum(gaps.long(), 0) - 1
-    if len(pos) and int(pos[-1]) >= numel:
-        raise ModelError(f"packed weight: relative indices run to {int(pos[-1])}, past the "
-                         f"{numel} entries of shape {list(shape)}")
+    if len(gaps) and int(gaps.min()) < 1:
+        raise ModelError("packed weight: a relative index of 0 (every stored entry advances)")
+    g = gaps.long()
+    filler = (g == MAX_GAP) & (values == 0)
+    symbols = torch.where(filler, g, g - 1).numpy()
+    try:
+        pos = relative_decode(symbols, MAX_GAP.bit_length(), numel, where="packed weight")
+    except FormatError as exc:
+        raise ModelError(f"{exc} (shape {list(shape)})") from exc
     out = torch.zeros(numel, dtype=torch.float32)
-    out[pos] = values.float()
+    out[torch.from_numpy(pos)] = values[~filler].float()
     return out.view(*shape)
 
 
@@ -184,12 +193,6 @@ def _plain(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 PACKED_SCHEMA = Obj({"layers": Map(Obj(
     {"op": Str(choices=tuple(_OPS.values())), "shape": List(Int(0, 1 << 31), min_len=2, max_len=5),
      "entries": Int(0, 1 << 40), "bias": Bool()}, optional={"conv": CONV_ARGS}))})
@@ -203,12 +206,12 @@ def _replay_packed(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
             model.get_submodule(name)
         except AttributeError as exc:
             raise ModelError(f"{EDIT_KIND} edit names layer {name!r}, which the model lacks") from exc
-        _set_module(model, name, PackedLayer(d["op"], d["shape"], int(d["entries"]), bool(d["bias"]),
+        set_submodule(model, name, PackedLayer(d["op"], d["shape"], int(d["entries"]), bool(d["bias"]),
                                              d.get("conv")))
     return model
 
 
-def pack(model: nn.Module, *, min_saving: float = 0.0) -> nn.Module:
+def to_packed_layers(model: nn.Module, *, min_saving: float = 0.0) -> nn.Module:
     """A copy of ``model`` with every Linear/Conv weight that is smaller in relative-index form
     (by more than ``min_saving`` of its dense bytes) replaced by a :class:`PackedLayer`, and the
     ``packed_sparse`` edit recorded in its spec."""
@@ -222,17 +225,17 @@ def pack(model: nn.Module, *, min_saving: float = 0.0) -> nn.Module:
             dense = 4 * m.weight.numel()
             if packed_bytes(m.weight) < (1.0 - min_saving) * dense:
                 p = PackedLayer.from_layer(m)
-                _set_module(packed, name, p)
+                set_submodule(packed, name, p)
                 layers[name] = p.describe()
     record_edit(packed, {"kind": EDIT_KIND, "layers": layers})
     return packed
 
 
-def unpack(model: nn.Module) -> nn.Module:
+def to_dense_layers(model: nn.Module) -> nn.Module:
     """Replace packed layers by ordinary dense layers (in place) and drop the edit from the spec."""
     for name, m in list(model.named_modules()):
         if isinstance(m, PackedLayer):
-            _set_module(model, name, m.to_dense_layer())
+            set_submodule(model, name, m.to_dense_layer())
     spec = get_spec(model)
     if spec is not None:
         spec.edits[:] = [e for e in spec.edits if e.get("kind") != EDIT_KIND]
@@ -245,7 +248,7 @@ def save_sparse(model: nn.Module, path: str | Path, *, extra: dict[str, Any] | N
     is not changed. Load with :func:`deepshrink.load`. Returns the path."""
     from deepshrink.fileio import atomic_path
 
-    packed = pack(model)
+    packed = to_packed_layers(model)
     path = Path(path)
     with atomic_path(path, protect=protect) as tmp:
         save(packed, tmp, extra=extra)
@@ -408,6 +411,6 @@ def to_sparse_inference(model: nn.Module, *, min_sparsity: float | None = None, 
                                                                min_sparsity=min_sparsity)
     for name, entry in plan.items():
         if entry["swap"]:
-            _set_module(model, name, SparseLinear.from_layer(model.get_submodule(name)))
+            set_submodule(model, name, SparseLinear.from_layer(model.get_submodule(name)))
     object.__setattr__(model, "deepshrink_sparse_plan", plan)
     return model

@@ -1,62 +1,82 @@
-"""Structured (neuron / channel) pruning: physically remove channels and return a smaller model.
+"""Structured (channel / head / hidden-size) pruning: physically remove channels, smaller model.
 
-    model = prune_channels(model, ChannelConfig(ratio=0.5, importance="l1"), example_inputs)
+    result = prune_channels(model, ChannelConfig(ratio=0.5), example_inputs=x)
+    result.model, result.pruned, result.skipped
 
-Three separate steps: the dependency graph (:mod:`deepshrink.pruning.graph`) finds the groups of
-coupled channels, an importance criterion (:mod:`deepshrink.pruning.importance`) scores every
-channel of every group, and surgery (:data:`SURGERY`, one function per layer type) slices the
-weights of every coupled layer. The model is edited in place and returned.
+Three separate steps: the dependency graph (:mod:`deepshrink.pruning.graph`, traced from one
+forward pass) finds the units that go together and the groups a ratio applies to; an importance
+criterion (:mod:`deepshrink.pruning.importance`) scores every unit; surgery slices every
+parameter and buffer dimension of the removed units and brings module fields (``in_features``,
+``num_heads``, ``all_head_size``, ...) and a ``transformers`` config in line. The model is edited
+in place; the edit (kept indices per tensor dimension) is recorded in its spec so
+:func:`deepshrink.load` rebuilds the smaller architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.config import Config, check
-from deepshrink.errors import ModelError
-from deepshrink.models import record_edit, register_edit
-from deepshrink.models.schema import Float, Int, List, Map, Obj, Str
-from deepshrink.pruning.graph import ChannelGroup, build_groups
-from deepshrink.pruning.importance import as_batches, list_importance, needs_data, score_groups
+from deepshrink.config import Config, check, check_patterns, name_matches
+from deepshrink.errors import ConfigError, ModelError
+from deepshrink.modeling import as_inputs, call, eval_mode, input_batches
+from deepshrink.models import get_spec, record_edit, register_edit
+from deepshrink.models.schema import Int, List, Map, Obj, Str
+from deepshrink.pruning.graph import ChannelGroup, Graph, top_level_tensors, trace_graph
+from deepshrink.pruning.importance import list_importance, needs_data, score_groups
+
+ROUNDING = ("up", "down", "nearest")
+SCORE_OVER = ("group", "producers")
 
 
 @dataclasses.dataclass
 class ChannelConfig(Config):
     """What to cut.
 
-    ratio: fraction of the channels of every prunable group to remove, in [0, 1).
-    importance: a criterion registered in :mod:`deepshrink.pruning.importance`: ``l1``, ``l2``
-        (weight norms, no data), ``activation`` (mean |activation|), ``apoz`` (average percentage of
-        zeros), ``taylor`` (first-order Taylor, needs labelled calibration batches).
-    overrides: layer name or regex (full match) -> ratio, for the groups whose producing layers
-        match; when several layers of one group match, the smallest ratio wins.
-    round_to: keep a multiple of this many channels (e.g. 8 for SIMD-friendly widths).
-    min_channels: never keep fewer channels than this in a group.
-    ignore: layer names or regexes whose channels are never pruned (reported as skipped).
+    ratio: fraction of the units (channels, heads, conv groups) of every prunable group removed.
+    importance: a criterion registered in :mod:`deepshrink.pruning.importance` (``l1``, ``l2``,
+        ``activation``, ``apoz``, ``taylor``).
+    score_over: ``group`` sums the (mean-normalised) scores of every tensor dimension a unit
+        touches - producers, consumers, norms (Torch-Pruning's group importance); ``producers``
+        scores only the layers that make the channels.
+    overrides: module-name regex (full match) -> ratio, for groups one of whose layers matches;
+        when several match, the smallest ratio wins.
+    round: how the number of kept units ``size * (1 - ratio)`` becomes an integer: ``up``
+        (ceil: never removes more than asked), ``down`` (floor: never keeps more than asked),
+        ``nearest`` (halves round up); then to a multiple of ``round_to`` in the same direction.
+    min_channels: never keep fewer units than this in a group.
+    ignore: module-name regexes (full match) whose channels are never pruned (reported).
     calibration_batches: how many batches the data-based criteria read.
-    heads_ratio / ffn_ratio: for transformers models, the fraction of attention heads / FFN
-        neurons removed per layer (default: ``ratio``).
+    heads_ratio: ratio for attention-head groups (default ``ratio``).
+    hidden: also prune the hidden size (residual stream, embeddings, LayerNorm/RMSNorm channels);
+        off by default since it changes normalisation statistics: recover by distillation
+        (:func:`deepshrink.distill.prune_and_recover`).
+    hidden_ratio: ratio for hidden-size groups (default ``ratio``).
     """
 
     ratio: float = 0.5
     importance: str = "l1"
+    score_over: str = "group"
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    round: str = "up"
     round_to: int = 1
     min_channels: int = 1
     ignore: tuple[str, ...] = ()
     calibration_batches: int = 8
     heads_ratio: float | None = None
-    ffn_ratio: float | None = None
+    hidden: bool = False
+    hidden_ratio: float | None = None
 
     def validate(self) -> None:
         n = type(self).__name__
-        for field in ("ratio", "heads_ratio", "ffn_ratio"):
+        for field in ("ratio", "heads_ratio", "hidden_ratio"):
             v = getattr(self, field)
             if v is None and field != "ratio":
                 continue
@@ -65,338 +85,431 @@ class ChannelConfig(Config):
         for key, v in self.overrides.items():
             check(isinstance(v, (int, float)) and 0.0 <= v < 1.0, n, f"overrides[{key!r}]",
                   f"must be in [0, 1), got {v!r}")
-        for pattern in (*self.overrides, *self.ignore):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                check(False, n, "overrides/ignore", f"bad regex {pattern!r}: {exc}")
-        check(isinstance(self.round_to, int) and self.round_to >= 1, n, "round_to",
-              f"must be an integer >= 1, got {self.round_to!r}")
-        check(isinstance(self.min_channels, int) and self.min_channels >= 1, n, "min_channels",
-              f"must be an integer >= 1, got {self.min_channels!r}")
-        check(isinstance(self.calibration_batches, int) and self.calibration_batches >= 1, n,
-              "calibration_batches", f"must be an integer >= 1, got {self.calibration_batches!r}")
+        check_patterns(n, "overrides", self.overrides)
+        check_patterns(n, "ignore", self.ignore)
+        check(self.round in ROUNDING, n, "round", f"must be one of {ROUNDING}, got {self.round!r}")
+        check(self.score_over in SCORE_OVER, n, "score_over",
+              f"must be one of {SCORE_OVER}, got {self.score_over!r}")
+        check(isinstance(self.hidden, bool), n, "hidden", f"must be true or false, got {self.hidden!r}")
+        for field in ("round_to", "min_channels", "calibration_batches"):
+            v = getattr(self, field)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, n, field,
+                  f"must be an integer >= 1, got {v!r}")
         check(self.importance in list_importance(), n, "importance",
               f"unknown criterion {self.importance!r}; known: {', '.join(list_importance())}")
 
 
-def name_matches(name: str, patterns: Any) -> bool:
-    """True when ``name`` equals or fully matches (as a regex) one of ``patterns``."""
-    return any(name == p or re.fullmatch(p, name) for p in patterns)
+@dataclasses.dataclass
+class PruneResult:
+    """What :func:`prune_channels` did: the (same, now smaller) model, one row per pruned group,
+    one row per skipped group with its reason, the recorded edit and parameter counts."""
+
+    model: nn.Module
+    pruned: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    edit: dict[str, Any]
+    params: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pruned": self.pruned, "skipped": self.skipped, "params": list(self.params)}
 
 
-# -- surgery: how to cut each layer type ----------------------------------------------------------
-# ``fn(module, role, keep)`` keeps the indices ``keep`` (sorted LongTensor) along the dimension that
-# ``role`` names: "out" (output channels), "in" (input channels), "along" (per-channel parameters).
-Surgery = Callable[[nn.Module, str, torch.Tensor], None]
-SURGERY: dict[type, Surgery] = {}
+# -- choosing units ------------------------------------------------------------------------------
+def group_ratio(group: ChannelGroup, config: ChannelConfig) -> float:
+    matched = [r for pat, r in config.overrides.items()
+               for layer in [*group.layers(), group.name] if name_matches(layer, [pat])]
+    if matched:
+        return min(matched)
+    if group.kind == "head" and config.heads_ratio is not None:
+        return config.heads_ratio
+    if group.kind == "hidden" and config.hidden_ratio is not None:
+        return config.hidden_ratio
+    return config.ratio
 
 
-def register_surgery(*types: type) -> Callable[[Surgery], Surgery]:
-    """Decorator: teach channel pruning to cut a layer type (subclasses inherit it)."""
+def n_keep(size: int, ratio: float, config: ChannelConfig, round_to: int | None = None) -> int:
+    """Units kept of ``size``: ``size * (1 - ratio)`` rounded as ``config.round`` says, then to
+    a multiple of ``round_to`` the same way; within [``min_channels``, ``size``]."""
+    step = config.round_to if round_to is None else round_to
+    exact = round(size * (1.0 - ratio), 6)  # float fuzz: 0.7 * 10 must be 7, not 7.000000000000001
+    rounder: Callable[[float], int] = {"up": math.ceil, "down": math.floor,
+                                       "nearest": lambda v: math.floor(v + 0.5)}[config.round]
+    k = rounder(exact / step) * step
+    return min(size, max(k, config.min_channels))
 
-    def wrap(fn: Surgery) -> Surgery:
+
+def choose(groups: list[ChannelGroup], scores: list[torch.Tensor], config: ChannelConfig
+           ) -> list[np.ndarray | None]:
+    """Per group, the sorted units kept (None: untouched). Fixed units always stay and count
+    toward the kept number."""
+    keep: list[np.ndarray | None] = []
+    for g, s in zip(groups, scores, strict=True):
+        step = 1 if g.kind == "head" else None  # round_to is about widths; heads are counted
+        k = n_keep(g.size, group_ratio(g, config), config, step)
+        fixed = g.fixed if g.fixed is not None else np.zeros(g.size, dtype=bool)
+        k = max(k, int(fixed.sum()))
+        if k >= g.size:
+            keep.append(None)
+            continue
+        s = s.clone().double()
+        s[torch.as_tensor(fixed)] = math.inf
+        top = torch.sort(s, descending=True, stable=True).indices[:k].numpy()
+        keep.append(np.sort(top))
+    return keep
+
+
+def plan_slices(graph: Graph, groups: list[ChannelGroup], keep: list[np.ndarray | None]
+                ) -> dict[str, dict[str, list[int]]]:
+    """Kept indices per tensor and dimension: ``{tensor: {"dim": [kept indices]}}``."""
+    slices: dict[str, dict[str, list[int]]] = {}
+    for g, k in zip(groups, keep, strict=True):
+        if k is None:
+            continue
+        kept = np.zeros(g.size, dtype=bool)
+        kept[k] = True
+        for m in g.members:
+            pos = m.positions[kept[m.units]]
+            if len(pos) < len(m.positions):
+                slices.setdefault(m.tensor, {})[str(m.dim)] = pos.tolist()
+    return slices
+
+
+# -- surgery -------------------------------------------------------------------------------------
+# Module fields recomputed from the sliced tensors, per module type (subclasses inherit).
+Sync = Callable[[nn.Module], None]
+SYNC: dict[type, Sync] = {}
+
+
+def register_sync(*types: type) -> Callable[[Sync], Sync]:
+    """Decorator: ``fn(module)`` brings a module type's size fields in line with its tensors."""
+
+    def wrap(fn: Sync) -> Sync:
         for t in types:
-            SURGERY[t] = fn
+            SYNC[t] = fn
         return fn
 
     return wrap
 
 
-def _surgery_for(module: nn.Module) -> Surgery:
+@register_sync(nn.Linear)
+def _sync_linear(m: nn.Linear) -> None:
+    m.out_features, m.in_features = int(m.weight.shape[0]), int(m.weight.shape[1])
+
+
+@register_sync(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _sync_conv(m: nn.modules.conv._ConvNd) -> None:
+    per_group = m.out_channels // m.groups
+    m.out_channels = int(m.weight.shape[0])
+    if m.groups > 1:
+        m.groups = m.out_channels // per_group
+    m.in_channels = int(m.weight.shape[1]) * m.groups
+
+
+@register_sync(nn.modules.batchnorm._BatchNorm)
+def _sync_bn(m: nn.modules.batchnorm._BatchNorm) -> None:
+    t = m.weight if m.weight is not None else m.running_mean
+    m.num_features = int(t.shape[0])
+
+
+@register_sync(nn.LayerNorm, nn.RMSNorm)
+def _sync_ln(m: nn.Module) -> None:
+    if m.weight is not None:
+        m.normalized_shape = (int(m.weight.shape[0]),)
+
+
+@register_sync(nn.GroupNorm)
+def _sync_gn(m: nn.GroupNorm) -> None:
+    if m.weight is not None:
+        per = m.num_channels // m.num_groups
+        m.num_channels = int(m.weight.shape[0])
+        m.num_groups = m.num_channels // per
+
+
+@register_sync(nn.Embedding)
+def _sync_embedding(m: nn.Embedding) -> None:
+    m.embedding_dim = int(m.weight.shape[1])
+
+
+@register_sync(nn.MultiheadAttention)
+def _sync_mha(m: nn.MultiheadAttention) -> None:
+    e = int(m.in_proj_weight.shape[1])
+    m.num_heads = e // m.head_dim
+    m.embed_dim = m.kdim = m.vdim = e
+
+
+def _sync(module: nn.Module) -> None:
     for cls in type(module).__mro__:
-        if cls in SURGERY:
-            return SURGERY[cls]
-    raise ModelError(f"no channel surgery for layer type {type(module).__name__}",
-                     hint="add one with deepshrink.pruning.structured.register_surgery")
+        if cls in SYNC:
+            return SYNC[cls](module)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+        module.nf = int(module.weight.shape[1])
+    return None
 
 
-def _slice(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
-    t = getattr(module, name, None)
-    if t is None:
-        return
-    new = t.detach().index_select(dim, keep).clone()
-    if isinstance(t, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad))
-    else:
-        module._buffers[name] = new
-
-
-def _check_role(module: nn.Module, role: str, allowed: tuple[str, ...]) -> None:
-    if role not in allowed:
-        raise ModelError(f"{type(module).__name__} cannot be cut along {role!r} (allowed: {allowed})")
-
-
-@register_surgery(nn.Linear)
-def _cut_linear(m: nn.Linear, role: str, keep: torch.Tensor) -> None:
-    _check_role(m, role, ("out", "in"))
-    if role == "out":
-        _slice(m, "weight", 0, keep)
-        _slice(m, "bias", 0, keep)
-        m.out_features = len(keep)
-    else:
-        _slice(m, "weight", 1, keep)
-        m.in_features = len(keep)
-
-
-@register_surgery(nn.Conv1d, nn.Conv2d)
-def _cut_conv(m: nn.Conv1d | nn.Conv2d, role: str, keep: torch.Tensor) -> None:
-    _check_role(m, role, ("out", "in", "along"))
-    if role in ("out", "along"):
-        _slice(m, "weight", 0, keep)
-        _slice(m, "bias", 0, keep)
-        m.out_channels = len(keep)
-        if role == "along":  # depthwise: one filter per input channel
-            m.in_channels = m.groups = len(keep)
-    else:
-        if m.groups != 1:
-            raise ModelError(f"grouped conv (groups={m.groups}) input channels cannot be cut")
-        _slice(m, "weight", 1, keep)
-        m.in_channels = len(keep)
-
-
-@register_surgery(nn.BatchNorm1d, nn.BatchNorm2d)
-def _cut_batchnorm(m: nn.modules.batchnorm._BatchNorm, role: str, keep: torch.Tensor) -> None:
-    _check_role(m, role, ("along",))
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        _slice(m, name, 0, keep)
-    m.num_features = len(keep)
-
-
-@register_surgery(nn.LayerNorm)
-def _cut_layernorm(m: nn.LayerNorm, role: str, keep: torch.Tensor) -> None:
-    # Only valid where the caller knows the normalised axis itself shrinks (not used by the graph,
-    # which blocks LayerNorm over channels because removing a channel changes the statistics).
-    _check_role(m, role, ("along",))
-    _slice(m, "weight", 0, keep)
-    _slice(m, "bias", 0, keep)
-    m.normalized_shape = (len(keep),)
-
-
-@register_surgery(nn.Embedding)
-def _cut_embedding(m: nn.Embedding, role: str, keep: torch.Tensor) -> None:
-    _check_role(m, role, ("out",))
-    _slice(m, "weight", 1, keep)
-    m.embedding_dim = len(keep)
-
-
-def dim_size(module: nn.Module, role: str) -> int:
-    """Length of the dimension ``role`` cuts."""
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    if isinstance(module, nn.LayerNorm):
-        return int(module.normalized_shape[-1])
-    return int(module.weight.shape[1 if role == "in" else 0])
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """id(tensor) -> every (module, attribute, qualified name) holding it (tied weights)."""
+    out: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None:
+                out.setdefault(id(t), []).append((mod, attr, f"{mname}.{attr}" if mname else attr))
+    return out
 
 
 def apply_slices(model: nn.Module, slices: dict[str, dict[str, list[int]]]) -> nn.Module:
-    """Cut every layer named in ``slices`` ({layer: {role: kept indices}}) in place."""
-    modules = dict(model.named_modules())
-    for name, roles in slices.items():
-        if name not in modules:
-            raise ModelError(f"channel pruning edit names layer {name!r}, which the model lacks")
-        mod = modules[name]
-        for role, keep in roles.items():
-            n = dim_size(mod, role)
-            if keep and (min(keep) < 0 or max(keep) >= n):
-                raise ModelError(f"layer {name}: kept {role} index out of range 0..{n - 1}")
-            _surgery_for(mod)(mod, role, torch.as_tensor(keep, dtype=torch.long))
+    """Keep ``slices[tensor][dim]`` indices of every named parameter / buffer, in place (tied
+    tensors stay tied), then recompute the size fields of the modules touched."""
+    owners = _owners(model)
+    by_name = {name: tid for tid, lst in owners.items() for _, _, name in lst}
+    touched: dict[int, nn.Module] = {}
+    for name, dims in slices.items():
+        if name not in by_name:
+            raise ModelError(f"channel pruning edit names tensor {name!r}, which the model lacks")
+        holders = owners[by_name[name]]
+        mod, attr, _ = holders[0]
+        t = getattr(mod, attr)
+        new = t.detach()
+        for d, keep in sorted(dims.items()):
+            d_i = int(d)
+            if not 0 <= d_i < new.dim():
+                raise ModelError(f"{name}: edit cuts dim {d_i} of a {new.dim()}-d tensor")
+            if keep and (min(keep) < 0 or max(keep) >= new.shape[d_i]):
+                raise ModelError(f"{name}: kept index out of range 0..{new.shape[d_i] - 1} on dim {d_i}")
+            new = new.index_select(d_i, torch.as_tensor(keep, dtype=torch.long))
+        new = new.clone()
+        replacement: torch.Tensor = nn.Parameter(new, requires_grad=t.requires_grad) \
+            if isinstance(t, nn.Parameter) else new
+        for m, a, _ in holders:
+            if isinstance(t, nn.Parameter):
+                m._parameters[a] = replacement
+            else:
+                m._buffers[a] = replacement
+            touched[id(m)] = m
+    for m in touched.values():
+        _sync(m)
     return model
 
 
 def set_fields(model: nn.Module, attrs: dict[str, dict[str, Any]], config: dict[str, Any]) -> None:
-    """Set module attributes ({layer: {attr: value}}) and ``model.config`` fields after a cut."""
+    """Set module attributes ({module: {attr: int}}) and ``model.config`` fields after a cut."""
     for name, values in attrs.items():
-        mod = model.get_submodule(name)
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ModelError(f"channel pruning edit names module {name!r}, which the model lacks") from exc
         for key, value in values.items():
+            if key not in SIZE_ATTRS or not isinstance(value, int):
+                raise ModelError(f"channel pruning edit sets {name}.{key}={value!r}; only integer "
+                                 f"size fields {sorted(SIZE_ATTRS)} may be set")
             setattr(mod, key, value)
     cfg = getattr(model, "config", None)
     for key, value in config.items():
         if cfg is None:
             raise ModelError(f"edit sets config.{key} but {type(model).__name__} has no config")
+        if key not in CONFIG_FIELDS or not isinstance(value, int):
+            raise ModelError(f"channel pruning edit sets config.{key}={value!r}; only integer fields "
+                             f"{sorted(CONFIG_FIELDS)} may be set")
         setattr(cfg, key, value)
 
 
-# The recorded edit, as checked on load: only these module attributes / config fields may be set.
+# Integer module fields that name a channel count a forward pass may read as a literal.
+SIZE_ATTRS = {"num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads",
+              "num_kv_heads", "n_kv_heads", "all_head_size", "embed_dim", "hidden_size", "split_size",
+              "inner_dim", "d_model", "dim", "hidden_dim", "n_embd", "intermediate_size", "channels",
+              "num_channels", "out_channels", "in_channels", "width"}
+CONFIG_FIELDS = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "intermediate_size")
+
+
+def size_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarray], int]
+                ) -> dict[str, dict[str, int]]:
+    """Module fields equal to a channel count that the forward pass used as a literal (or that
+    count heads), mapped to the kept count; matched against the values before the cut."""
+    attrs: dict[str, dict[str, int]] = {}
+    for use in graph.size_uses:
+        old, new = len(use.nodes), kept_nodes(use.nodes)
+        if new == old:
+            continue
+        for mname in reversed(use.modules):
+            mod = model.get_submodule(mname)
+            hits = [a for a in SIZE_ATTRS if isinstance(getattr(mod, a, None), int)
+                    and not isinstance(getattr(mod, a), bool) and getattr(mod, a) == old]
+            if hits:
+                for a in hits:
+                    attrs.setdefault(mname, {}).setdefault(a, new)
+                break
+    return attrs
+
+
+def config_fields(model: nn.Module, graph: Graph, kept_nodes: Callable[[np.ndarray], int],
+                  hidden_width: int | None, ffn_widths: set[int]) -> dict[str, Any]:
+    """``transformers`` config fields that every layer now agrees on: head counts (query and
+    key/value heads told apart by their count before the cut), the FFN width (``ffn_widths``:
+    kept sizes of the channel groups as wide as ``intermediate_size``) and the hidden size."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    out: dict[str, Any] = {}
+    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    for field, old in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        values = {kept_nodes(u.nodes) for u in graph.size_uses if u.heads and len(u.nodes) == old}
+        if isinstance(old, int) and len(values) == 1 and values != {old}:
+            out[field] = values.pop()
+    if len(ffn_widths) == 1 and isinstance(getattr(cfg, "intermediate_size", None), int):
+        out["intermediate_size"] = ffn_widths.pop()
+    if hidden_width is not None and getattr(cfg, "hidden_size", None) not in (None, hidden_width):
+        head_dim = getattr(cfg, "head_dim", None)
+        heads = getattr(cfg, "num_attention_heads", None)
+        if isinstance(heads, int) and heads and not head_dim:
+            head_dim = cfg.hidden_size // heads  # keep it: the heads keep their width
+        out["hidden_size"] = hidden_width
+        if isinstance(head_dim, int) and hasattr(cfg, "head_dim"):
+            out["head_dim"] = head_dim
+    return out
+
+
+# The recorded edit, as checked on load (sec: only registered kinds with schema-checked fields
+# load): kept indices per tensor dimension, and only integer size fields from the lists above.
 _COUNT = Int(0, 1 << 31)
+_NAME = Str(pattern=re.compile(r"[A-Za-z0-9_.]+"))
 CHANNEL_PRUNE_SCHEMA = Obj(
-    {"slices": Map(Map(List(_COUNT, max_len=1 << 24), key=Str(choices=("in", "out", "along"))))},
-    optional={"attrs": Map(Obj({}, optional={"num_attention_heads": _COUNT, "all_head_size": _COUNT})),
-              "config": Obj({}, optional={"num_attention_heads": _COUNT, "head_dim": _COUNT,
-                                          "intermediate_size": _COUNT}),
-              "importance": Str(), "ratio": Float(0.0, 1.0)})
+    {"slices": Map(Map(List(_COUNT, max_len=1 << 24), key=Str(pattern=re.compile(r"[0-9]"))), key=_NAME)},
+    optional={"attrs": Map(Obj({}, optional={a: _COUNT for a in sorted(SIZE_ATTRS)}), key=_NAME),
+              "config": Obj({}, optional={f: _COUNT for f in CONFIG_FIELDS})})
 
 
 @register_edit("channel_prune", schema=CHANNEL_PRUNE_SCHEMA)
 def replay_channel_prune(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild the smaller architecture on load from the recorded kept indices."""
-    apply_slices(model, edit.get("slices", {}))
+    slices = edit.get("slices", {})
+    if not isinstance(slices, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and all(
+                isinstance(d, str) and isinstance(ix, list) and all(isinstance(i, int) for i in ix)
+                for d, ix in v.items()) for k, v in slices.items()):
+        raise ModelError("channel_prune edit: 'slices' must map tensor names to {dim: [int, ...]}")
+    apply_slices(model, slices)
     set_fields(model, edit.get("attrs", {}), edit.get("config", {}))
     return model
 
 
-# -- choosing channels ----------------------------------------------------------------------------
-def group_ratio(group: ChannelGroup, config: ChannelConfig) -> float:
-    """The ratio for a group: the smallest override matching one of its layers, else the default
-    for its kind (``heads_ratio`` / ``ffn_ratio`` for transformers groups)."""
-    matched = [r for pat, r in config.overrides.items()
-               for layer in [*group.producers, group.name] if name_matches(layer, [pat])]
-    if matched:
-        return min(matched)
-    if group.kind == "head" and config.heads_ratio is not None:
-        return config.heads_ratio
-    if group.kind == "ffn" and config.ffn_ratio is not None:
-        return config.ffn_ratio
-    return config.ratio
-
-
-def n_keep(size: int, ratio: float, config: ChannelConfig, round_to: int | None = None) -> int:
-    """Channels kept: ceil(size * (1 - ratio)) rounded up to ``round_to``, at least
-    ``min_channels``, at most ``size``."""
-    step = config.round_to if round_to is None else round_to
-    k = -(-round(size * (1.0 - ratio) * 1e6) // 1_000_000)  # ceil, robust to float fuzz
-    k = -(-k // step) * step
-    return min(size, max(k, config.min_channels))
-
-
-def choose(groups: list[ChannelGroup], scores: list[torch.Tensor | None], config: ChannelConfig
-           ) -> list[torch.Tensor | None]:
-    """Per group, the sorted indices of the channels to keep (None: group untouched)."""
-    keep: list[torch.Tensor | None] = []
-    for g, s in zip(groups, scores, strict=True):
-        # round_to is about channel widths; a head group counts heads, whose width is fixed.
-        step = 1 if g.kind == "head" else None
-        k = n_keep(g.size, group_ratio(g, config), config, step) if g.blocked is None else g.size
-        if s is None or k >= g.size:
-            keep.append(None)
+# -- the verb ------------------------------------------------------------------------------------
+def _block(groups: list[ChannelGroup], config: ChannelConfig) -> None:
+    """Leave whole the groups the config rules out, saying why."""
+    for g in groups:
+        if g.blocked is not None:
             continue
-        top = torch.sort(s, descending=True, stable=True).indices[:k]
-        keep.append(torch.sort(top).values)
-    return keep
+        hit = next((layer for layer in g.layers() if name_matches(layer, config.ignore)), None)
+        if hit is not None:
+            g.blocked = f"{hit} is in the ignore list"
+        elif g.kind == "hidden" and not config.hidden:
+            g.blocked = f"hidden size ({g.hidden_reason}); pass hidden=True to prune it"
+        elif g.free == 0:
+            g.blocked = "; ".join(g.notes[:3]) or "every unit is fixed"
 
 
-def plan_slices(model: nn.Module, groups: list[ChannelGroup], keep: list[torch.Tensor | None]
-                ) -> dict[str, dict[str, list[int]]]:
-    """Turn kept channels per group into kept indices per (layer, role)."""
-    modules = dict(model.named_modules())
-    drop: dict[tuple[str, str], set[int]] = {}
-    for g, k in zip(groups, keep, strict=True):
-        if k is None:
-            continue
-        kept = torch.zeros(g.size, dtype=torch.bool)
-        kept[k] = True
-        for m in g.members:
-            gone = m.positions[~kept[torch.as_tensor(m.channels)].numpy()]
-            drop.setdefault((m.module, m.role), set()).update(int(i) for i in gone)
-    slices: dict[str, dict[str, list[int]]] = {}
-    for (name, role), gone in drop.items():
-        n = dim_size(modules[name], role)
-        slices.setdefault(name, {})[role] = [i for i in range(n) if i not in gone]
-    return slices
-
-
-def _forward(model: nn.Module, example_inputs: Any) -> Any:
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*args)
-    finally:
-        model.train(was_training)
-
-
-def _shape_of(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    if hasattr(out, "logits"):
-        return tuple(out.logits.shape)
-    if isinstance(out, (tuple, list)):
-        return [_shape_of(o) for o in out]
-    return None
-
-
-def prune_channels(model: nn.Module, config: ChannelConfig, example_inputs: Any, *,
-                   calibration: Any = None) -> nn.Module:
-    """Remove channels from ``model`` **in place** and return it, smaller.
-
-    ``example_inputs`` (a tensor or a tuple of positional inputs, batch >= 1) is used to trace
-    shapes. ``calibration`` feeds the data criteria (a DataLoader or list of ``(x, y)``; without
-    it ``activation``/``apoz`` read ``example_inputs``; ``taylor`` needs labels). Transformers models
-    (ResNet, ViT, BERT) are handled by :mod:`deepshrink.pruning.hf`. What was pruned and what was
-    skipped (with reasons) is left in ``model.deepshrink_channel_report``; the edit is recorded in
-    the model's spec so :func:`deepshrink.load` rebuilds the smaller architecture.
-    """
-    if not isinstance(config, ChannelConfig):
-        raise ModelError(f"prune_channels needs a ChannelConfig, got {type(config).__name__}")
-    from deepshrink.pruning import hf
-
-    if hf.is_transformers_model(model):
-        return hf.prune_hf(model, config, example_inputs, calibration=calibration)
-    before = _shape_of(_forward(model, example_inputs))
-    groups = build_groups(model, example_inputs, lambda name: name_matches(name, config.ignore))
-    live = [g for g in groups if g.blocked is None and g.size > 1]
-    batches = calibration_batches(config, example_inputs, calibration)
-    scores = score_groups(model, live, config.importance, batches)
-    keep = choose(live, list(scores), config)
-    slices = plan_slices(model, live, keep)
-    apply_slices(model, slices)
-    after = _shape_of(_forward(model, example_inputs))
-    if after != before:
-        raise ModelError(f"channel pruning changed the output shape {before} -> {after}")
-    finish(model, config, groups, live, keep, slices)
-    return model
-
-
-def calibration_batches(config: ChannelConfig, example_inputs: Any, calibration: Any) -> list:
-    """The batches a data criterion reads (``example_inputs`` when no calibration data is given,
-    except for Taylor, which needs labels)."""
+def _calibration(config: ChannelConfig, inputs: Any, calibration: Any) -> list:
     if not needs_data(config.importance):
         return []
-    batches = as_batches(calibration, config.calibration_batches)
+    batches = input_batches(calibration, config.calibration_batches)
     if not batches and config.importance != "taylor":
-        batches = [(example_inputs, None)]
+        batches = [(inputs, None)]
     return batches
 
 
-def finish(model: nn.Module, config: ChannelConfig, groups: list[ChannelGroup],
-           live: list[ChannelGroup], keep: list[torch.Tensor | None],
-           slices: dict[str, dict[str, list[int]]], attrs: dict[str, dict[str, Any]] | None = None,
-           cfg_fields: dict[str, Any] | None = None) -> None:
-    """Record the edit in the spec and leave a report on the model."""
-    edit: dict[str, Any] = {"kind": "channel_prune", "config": cfg_fields or {},
-                            "attrs": attrs or {}, "slices": slices,
-                            "importance": config.importance, "ratio": config.ratio}
+def _nothing_to_prune(model: nn.Module, groups: list[ChannelGroup]) -> ModelError:
+    reasons: dict[str, int] = {}
+    for g in groups:
+        for why in (g.notes or [g.blocked or ""]):
+            if why:
+                reasons[why] = reasons.get(why, 0) + 1
+    top = sorted(reasons, key=lambda r: -reasons[r])[:4]
+    blocking = [r for r in reasons if "does not understand" in r or "could not be analysed" in r]
+    what = f"blocked by {blocking[0]}" if blocking else ("; ".join(top) or "no prunable layer found")
+    return ModelError(f"nothing to prune in {type(model).__name__}: {what}",
+                      hint="see deepshrink.pruning.graph.describe(trace_graph(model, x).groups) "
+                           "for every group and its reason; teach an op with register_rule")
+
+
+def _shapes_now(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
+    with eval_mode(model), torch.no_grad():
+        return [tuple(t.shape) for t in top_level_tensors(call(model, inputs))]
+
+
+def prune_channels(model: nn.Module, config: ChannelConfig, *, example_inputs: Any = None,
+                   calibration: Any = None) -> PruneResult:
+    """Remove channels, heads (and, with ``hidden=True``, hidden-size channels) from ``model``
+    **in place**; returns a :class:`PruneResult` whose ``model`` is the same, smaller object.
+
+    ``example_inputs`` (a tensor, a tuple of positional tensors or a tokenizer-style dict) runs
+    one traced forward pass. ``calibration`` (any source :func:`deepshrink.modeling.input_batches`
+    reads) feeds the data criteria; without it ``activation``/``apoz`` read ``example_inputs``.
+    The output layer is never cut (channels reaching the output are fixed), every group left
+    whole is reported with its reason, and the output shapes are checked after the cut.
+    """
+    if not isinstance(config, ChannelConfig):
+        raise ConfigError(f"prune_channels needs a ChannelConfig, got {type(config).__name__}")
+    inputs = as_inputs(example_inputs)
+    p0 = sum(p.numel() for p in model.parameters())
+    graph = trace_graph(model, inputs)
+    groups = graph.groups
+    _block(groups, config)
+    live = [g for g in groups if g.blocked is None and g.size > 1 and g.free > 0]
+    if not live:
+        raise _nothing_to_prune(model, groups)
+    scores = score_groups(model, live, config.importance, _calibration(config, inputs, calibration),
+                          over=config.score_over, graph=graph)
+    keep = choose(live, scores, config)
+    slices = plan_slices(graph, live, keep)
+    index = {id(g): i for i, g in enumerate(groups)}
+    kept = {index[id(g)]: set(k.tolist()) for g, k in zip(live, keep, strict=True) if k is not None}
+
+    def kept_nodes(nodes: np.ndarray) -> int:
+        return sum(1 for gi, u in graph.unit_of(nodes).tolist() if gi not in kept or u in kept[gi])
+
+    attrs = size_fields(model, graph, kept_nodes)
+    widths = {len(k) for g, k in zip(live, keep, strict=True) if g.kind == "hidden" and k is not None}
+    inter = getattr(getattr(model, "config", None), "intermediate_size", None)
+    ffn = {len(k) for g, k in zip(live, keep, strict=True)
+           if g.kind == "channel" and g.size == inter and k is not None}
+    cfg = config_fields(model, graph, kept_nodes, widths.pop() if len(widths) == 1 else None, ffn)
+    apply_slices(model, slices)
+    set_fields(model, attrs, cfg)
+    try:
+        after = _shapes_now(model, inputs)
+    except Exception as exc:
+        raise ModelError(f"{type(model).__name__} no longer runs after channel pruning: "
+                         f"{type(exc).__name__}: {exc}",
+                         hint="a module keeps a channel count the graph could not see; "
+                              "add it to ignore=[...]") from exc
+    if after != graph.output_shape:
+        raise ModelError(f"channel pruning changed the output shape {graph.output_shape} -> {after}")
+    edit = {"kind": "channel_prune", "slices": slices, "attrs": attrs, "config": cfg}
     record_edit(model, edit)
-    kept = {id(g): k for g, k in zip(live, keep, strict=True)}
-    report = {
-        "pruned": [{"group": g.name, "kind": g.kind, "layers": g.layers(), "size": g.size,
-                    "kept": len(kept[id(g)]) if kept.get(id(g)) is not None else g.size}
-                   for g in live],
-        "skipped": [{"group": g.name, "kind": g.kind, "layers": g.layers(),
-                     "reason": g.blocked or "a single channel"}
-                    for g in groups if g.blocked is not None or g.size <= 1],
-        "edit": edit,  # also here for models built outside the registry (no spec to record into)
-    }
-    object.__setattr__(model, "deepshrink_channel_report", report)
+    return PruneResult(model, _pruned_rows(live, keep), _skipped_rows(groups), edit,
+                       (p0, sum(p.numel() for p in model.parameters())))
 
 
+def _pruned_rows(live: list[ChannelGroup], keep: list[np.ndarray | None]) -> list[dict[str, Any]]:
+    return [{"group": g.name, "kind": g.kind, "layers": g.layers(), "size": g.size,
+             "kept": g.size if k is None else len(k), "fixed": g.size - g.free,
+             **({"fixed_because": g.notes[:3]} if g.free < g.size else {})}
+            for g, k in zip(live, keep, strict=True)]
+
+
+def _skipped_rows(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
+    return [{"group": g.name, "kind": g.kind, "layers": g.layers(), "size": g.size,
+             "reason": g.blocked or "a single unit"}
+            for g in groups if g.blocked is not None or g.size <= 1]
 
 
 def last_edit(model: nn.Module) -> dict[str, Any]:
-    """The most recent channel-pruning edit recorded on ``model`` (kept indices per layer)."""
-    from deepshrink.models import get_spec
-
+    """The most recent channel-pruning edit recorded in ``model``'s spec."""
     spec = get_spec(model)
     edits = [e for e in (spec.edits if spec else []) if e.get("kind") == "channel_prune"]
     if not edits:
-        report = getattr(model, "deepshrink_channel_report", None)
-        if report and "edit" in report:
-            return report["edit"]
-        raise ModelError(f"{type(model).__name__} carries no channel-pruning edit")
+        raise ModelError(f"{type(model).__name__} carries no channel-pruning edit "
+                         "(models built outside the registry: use PruneResult.edit)")
     return edits[-1]
 
 
-__all__ = ["SURGERY", "ChannelConfig", "apply_slices", "last_edit", "prune_channels", "register_surgery"]
+__all__ = ["SYNC", "ChannelConfig", "PruneResult", "apply_slices", "last_edit", "n_keep",
+           "prune_channels", "register_sync"]

@@ -47,7 +47,7 @@ class UnstructuredConfig(Config):
     quality: float | None = None  # method "quality": remove |w| < quality * std(w) per layer
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)  # name/regex -> amount
     layer_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-    exclude: tuple[str, ...] = ()  # module names/regexes never pruned
+    ignore: tuple[str, ...] = ()  # module names/regexes never pruned
     skip_last: bool = False  # leave the last selected layer (usually the classifier) dense
     # Global scope: no layer loses more than this fraction. Layers differ in weight scale, and an
     # uncapped global threshold can empty a whole layer (the model then predicts a constant).
@@ -78,8 +78,8 @@ class UnstructuredConfig(Config):
                 check(0.0 <= amount < 1.0, n, f"overrides[{key!r}]", f"must be in [0, 1), got {amount!r}")
             else:
                 check(amount >= 0, n, f"overrides[{key!r}]", f"must be >= 0, got {amount!r}")
-        for key in self.exclude:
-            _compile(key, n, "exclude")
+        for key in self.ignore:
+            _compile(key, n, "ignore")
 
     def amount_for(self, name: str) -> float | None:
         """The override for module ``name`` (exact name first, then the first matching regex)."""
@@ -133,7 +133,7 @@ def select_layers(model: nn.Module, cfg: UnstructuredConfig) -> dict[str, nn.Mod
               if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)}
     if cfg.skip_last and layers:
         layers.pop(list(layers)[-1])
-    for key in cfg.exclude:
+    for key in cfg.ignore:
         layers = {n: m for n, m in layers.items() if n != key and not re.fullmatch(key, n)}
     return layers
 
@@ -204,7 +204,7 @@ def compute_masks(model: nn.Module, cfg: UnstructuredConfig) -> Masks:
     layers = select_layers(model, cfg)
     if not layers:
         raise ModelError(f"no layers of types {list(cfg.layer_types)} to prune in "
-                         f"{type(model).__name__}", hint="check layer_types / exclude / skip_last")
+                         f"{type(model).__name__}", hint="check layer_types / ignore / skip_last")
     scores = magnitude_scores(layers)
     amounts = {weight_name(n): a for n in layers if (a := cfg.amount_for(n)) is not None}
     if cfg.method == "magnitude":
