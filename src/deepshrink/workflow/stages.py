@@ -255,7 +255,7 @@ def prune_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
 @register_stage("channels", (ChannelConfig,), (), "channel / neuron pruning: a physically smaller model")
 def channels_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     assert isinstance(spec.config, ChannelConfig)
-    model = prune(ctx.model, spec.config, ctx.example(), calibration=ctx.calibration())
+    model = prune(ctx.model, spec.config, example_inputs=ctx.example(), calibration=ctx.calibration())
     info = finetune(ctx, spec, model)
     return StageOutput(model, _save(ctx, spec, model), info=info)
 
