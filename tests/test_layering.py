@@ -22,18 +22,6 @@ LAYERS: list[str] = [
 ]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
-#: Violations that exist on main today and are being removed in open work (issues 9 and 16). The
-#: test fails on any new one, and on a listed one that is gone (so the list only shrinks).
-KNOWN: set[str] = {
-    "deepshrink.quantization.onnx_export:37 imports private deepshrink.quantization.modules._apply",
-}
-
-
-def check(found: list[str]) -> None:
-    new = sorted(set(found) - KNOWN)
-    assert new == [], "new violations"
-
-
 def unit_of(module: str) -> str | None:
     """``deepshrink.pruning.graph`` -> ``pruning``; the package root itself -> None."""
     parts = module.split(".")
@@ -121,21 +109,15 @@ def module_getattr() -> list[str]:
 
 
 def test_dependencies_point_down() -> None:
-    check(upward_edges())
+    assert upward_edges() == []
 
 
 def test_no_private_name_used_across_modules() -> None:
-    check(private_uses())
+    assert private_uses() == []
 
 
 def test_no_module_getattr() -> None:
-    check([f"getattr {m}" for m in module_getattr()])
-
-
-def test_known_violations_still_exist() -> None:
-    """Remove an entry from KNOWN when its violation is fixed."""
-    found = set(upward_edges()) | set(private_uses()) | {f"getattr {m}" for m in module_getattr()}
-    assert sorted(KNOWN - found) == []
+    assert module_getattr() == []
 
 
 def test_the_checker_catches_an_upward_import(tmp_path: Path) -> None:

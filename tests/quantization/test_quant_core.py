@@ -120,9 +120,9 @@ def test_packing_roundtrip_and_bytes(bits: int) -> None:
 
 
 def test_config_roundtrip() -> None:
-    for cfg in (PTQConfig(mode="weight-only", bits=3, granularity="group", layer_bits={"fc*": 8},
-                          skip=("0",), target_bits=4.0, embedding_bits=8),
-                QATConfig(bits=2, act_bits=None, lsq=True, layer_bits={"2": 8}),
+    for cfg in (PTQConfig(mode="weight-only", bits=3, granularity="group", overrides={"fc.*": 8},
+                          ignore=("0",), target_bits=4.0, embedding_bits=8),
+                QATConfig(bits=2, act_bits=None, lsq=True, overrides={"2": 8}),
                 QuantSpec(bits=5, symmetric=False, granularity="tensor")):
         back = type(cfg).from_json(cfg.to_json())
         assert back == cfg
@@ -131,7 +131,8 @@ def test_config_roundtrip() -> None:
 @pytest.mark.parametrize("kwargs, field", [
     ({"bits": 0}, "bits"), ({"bits": 9}, "bits"), ({"mode": "int4-magic"}, "mode"),
     ({"act_bits": 12}, "act_bits"), ({"granularity": "row"}, "granularity"),
-    ({"weight_range": "max"}, "weight_range"), ({"layer_bits": {"x": 0}}, "layer_bits"),
+    ({"weight_range": "max"}, "weight_range"), ({"overrides": {"x": 0}}, "overrides"),
+    ({"ignore": ("(",)}, "ignore"),
     ({"target_bits": 9.0}, "target_bits"),
 ])
 def test_bad_ptq_config_names_field(kwargs: dict, field: str) -> None:

@@ -64,7 +64,7 @@ def test_ste_zero_gradient_when_clipped_and_lsq_scale_gets_gradient() -> None:
 @pytest.mark.parametrize("lsq", [False, True])
 def test_qat_in_shared_loop_then_convert_and_export(trained, digits, tmp_path: Path, lsq: bool) -> None:
     base = evaluate(trained, digits.loader("test", 512))["top1"]
-    m = prepare_qat(copy.deepcopy(trained), QATConfig(bits=4, act_bits=8, lsq=lsq), digits)
+    m = prepare_qat(copy.deepcopy(trained), QATConfig(bits=4, act_bits=8, lsq=lsq), calibration=digits)
     assert sum(isinstance(x, FakeQuantLayer) for x in m.modules()) == 3
     before = [p.detach().clone() for p in m.parameters()]
     train(m, digits, TrainConfig(epochs=2, batch_size=64, lr=5e-4, progress=False))
@@ -92,7 +92,7 @@ def test_qat_in_shared_loop_then_convert_and_export(trained, digits, tmp_path: P
 
 @pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
 def test_onnx_export_matches_torch_and_is_small(trained, digits, tmp_path: Path, mode: str) -> None:
-    q = quantize(copy.deepcopy(trained), PTQConfig(mode=mode), digits)
+    q = quantize(copy.deepcopy(trained), PTQConfig(mode=mode), calibration=digits)
     x = digits.test.tensors[0]
     path = tmp_path / f"{mode}.onnx"
     export_onnx(q, path, x[:2])
@@ -111,9 +111,12 @@ def test_onnx_export_matches_torch_and_is_small(trained, digits, tmp_path: Path,
     ort = OrtModel(path, threads=1)
     with torch.no_grad():
         ref = q(x)
-    # dynamic: ORT's u8s8 kernels on AVX2 may saturate int16 pair sums, hence the looser bound
-    atol = {"static": 1e-4, "dynamic": 0.05, "weight-only": 0.05}[mode]
-    assert torch.allclose(ort(x), ref, atol=atol), float((ort(x) - ref).abs().max())
+    # dynamic: ORT's u8s8 kernels on AVX2 may saturate int16 pair sums, hence the looser bound;
+    # static: the smoothing Mul before QuantizeLinear may put an input an ulp across a rounding
+    # boundary (one level apart), so the mean error is tight and the max one step's effect.
+    err = (ort(x) - ref).abs()
+    assert float(err.mean()) < {"static": 1e-4, "dynamic": 0.01, "weight-only": 0.01}[mode]
+    assert float(err.max()) < 0.05, float(err.max())
     assert evaluate(ort, digits.loader("test", 512))["top1"] >= evaluate(q, digits.loader("test", 512))[
         "top1"] - 0.01
     lat = measure_latency(ort, x[:1], warmup=1, repeats=3, min_time_s=0.0)
@@ -127,7 +130,7 @@ def test_onnx_conv_static_matches_torch(tmp_path: Path) -> None:
     with torch.no_grad():
         fp = m(x)
     for mode in ("static", "dynamic"):
-        q = quantize(copy.deepcopy(m), PTQConfig(mode=mode), x)
+        q = quantize(copy.deepcopy(m), PTQConfig(mode=mode), calibration=x)
         ort = OrtModel(export_onnx(q, None, x[:2]))
         with torch.no_grad():
             ref = q(x)
@@ -144,11 +147,11 @@ def test_bert_export_runs_in_ort() -> None:
     model = create_model("hf", arch="BertForSequenceClassification", config=cfg, seed=0)
     ids = torch.randint(0, 2000, (4, 16), generator=torch.Generator().manual_seed(0))
     fp32_bytes = len(export_onnx(model, None, {"input_ids": ids}, dynamic_seq=True))
-    q = quantize(copy.deepcopy(model), PTQConfig(mode="static", embedding_bits=8), ids)
+    q = quantize(copy.deepcopy(model), PTQConfig(mode="static", embedding_bits=8), calibration=ids)
     data = export_onnx(q, None, {"input_ids": ids}, dynamic_seq=True)
     # int8 embedding table and Linear weights (a quarter of fp32) plus per-row scales and ~40 KB of
-    # graph structure that does not shrink
-    assert len(data) < fp32_bytes / 4 + 50_000
+    # graph structure that does not shrink (with smoothing factors and a Mul node per linear)
+    assert len(data) < fp32_bytes / 4 + 55_000
     ort = OrtModel(data)
     with torch.no_grad():
         ref = q(ids).logits

@@ -19,11 +19,16 @@ def register(app: typer.Typer) -> None:
                                     help=".onnx (integer execution in ONNX Runtime) or .safetensors "
                                          "(packed, loadable with deepshrink.load)."),
         bits: int = typer.Option(8, help="Weight bits, 1-8 (1 = binary, 2 = ternary)."),
-        mode: str = typer.Option("static", help="weight-only | dynamic | static."),
+        mode: str = typer.Option("dynamic", help="weight-only | dynamic | static."),
         calib: str | None = typer.Option(None, "--calib",
                                          help="Calibration/evaluation dataset (digits, fashion-mnist, "
                                               "mnist or an IDX dir); default: the one in the file."),
-        calib_batches: int = typer.Option(8, help="Calibration batches of 64 (static mode)."),
+        calibration_batches: int = typer.Option(8, help="Calibration batches of 64."),
+        act_granularity: str = typer.Option("auto", help="Dynamic linears: tensor | token | auto."),
+        smooth_alpha: float | None = typer.Option(0.5, help="SmoothQuant strength in [0, 1]; "
+                                                              "negative: off."),
+        target_cosine: float | None = typer.Option(None, help="Keep the most sensitive layers float "
+                                                               "until the output cosine reaches this."),
         granularity: str = typer.Option("channel", help="tensor | channel | group."),
         group_size: int = typer.Option(64, help="Weights per group (granularity group)."),
         weight_range: str = typer.Option("mse", help="minmax | percentile | mse."),
@@ -49,7 +54,10 @@ def register(app: typer.Typer) -> None:
             cfg = PTQConfig.from_file(config)
         else:
             cfg = PTQConfig(mode=mode, bits=bits, granularity=granularity, group_size=group_size,
-                            weight_range=weight_range, act_range=act_range, calib_batches=calib_batches)
+                            weight_range=weight_range, act_range=act_range,
+                            calibration_batches=calibration_batches, act_granularity=act_granularity,
+                            smooth_alpha=None if smooth_alpha is None or smooth_alpha < 0 else smooth_alpha,
+                            target_cosine=target_cosine)
         model = load(path)
         dataset = calib
         if dataset is None:
@@ -63,7 +71,7 @@ def register(app: typer.Typer) -> None:
                      "dataset": bundle.name, "input_bytes": file_bytes(path)}
         if do_eval:
             res["input_top1"] = evaluate(model, test)["top1"]
-        q = quantize(model, cfg, bundle)
+        q = quantize(model, cfg, calibration=bundle)
         if output.suffix == ".onnx":
             data = export_onnx(q, None, bundle.test.tensors[0][:2])
             with atomic_path(output, protect=(path,)) as tmp:

@@ -14,7 +14,7 @@ from deepshrink.train import TrainConfig, train
 
 def demo_stage(ctx: Any) -> None:
     # Static int8: calibrated on training batches, exported, executed by ONNX Runtime (1 thread).
-    q8 = quantize(ctx.fresh_baseline(), PTQConfig(mode="static", bits=8), ctx.data)
+    q8 = quantize(ctx.fresh_baseline(), PTQConfig(mode="static", bits=8), calibration=ctx.data)
     onnx_path = ctx.out_dir / "lenet300-int8.onnx"
     export_onnx(q8, onnx_path, ctx.example(2))
     rep = ctx.measure(q8, "quant-int8-static", file=onnx_path, runner=OrtModel(onnx_path, threads=1))

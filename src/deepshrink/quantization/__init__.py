@@ -2,12 +2,20 @@
 (STE, optional LSQ), packed storage, and ONNX export for real integer execution in ONNX Runtime.
 
     from deepshrink.quantization import PTQConfig, quantize, export_onnx, OrtModel
-    q = quantize(model, PTQConfig(mode="static", bits=8), data)   # in place, returns the model
+    q = quantize(model, PTQConfig(mode="static", bits=8), calibration=data)   # in place, returns the model
     export_onnx(q, "model-int8.onnx", example)
     evaluate(OrtModel("model-int8.onnx"), loader)
 """
 
-from deepshrink.quantization.core import QTensor, QuantSpec, dequantize, qparams, qrange, quantize_tensor
+from deepshrink.quantization.core import (
+    QTensor,
+    QuantSpec,
+    dequantize_affine,
+    qparams,
+    qrange,
+    quantize_affine,
+    quantize_tensor,
+)
 from deepshrink.quantization.modules import (
     ActFakeQuant,
     FakeQuantLayer,
@@ -41,12 +49,13 @@ __all__ = [
     "QuantizedLayer",
     "WeightFakeQuant",
     "convert",
-    "dequantize",
+    "dequantize_affine",
     "export_onnx",
     "prepare_qat",
     "qparams",
     "qrange",
     "quantize",
+    "quantize_affine",
     "quantize_tensor",
     "quantized_layers",
     "weight_bytes",

@@ -114,7 +114,7 @@ def binary_scale(rows: torch.Tensor) -> torch.Tensor:
     return rows.abs().mean(1).clamp_min(_EPS)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
+def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
              narrow: bool = True) -> torch.Tensor:
     """Integer codes (as a float tensor) of ``x``: round to nearest, then clamp to the grid.
     ``scale`` / ``zero`` broadcast against ``x`` (shape (rows, 1) for a row view)."""
@@ -124,14 +124,14 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     return torch.clamp(torch.round(x / scale + zero), qmin, qmax)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (q - zero) * scale
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                   symmetric: bool, narrow: bool = True) -> torch.Tensor:
     """quantize then dequantize (no gradient trick; see :mod:`modules` for the STE)."""
-    return dequantize(quantize(x, scale, zero, bits, symmetric, narrow), scale, zero)
+    return dequantize_affine(quantize_affine(x, scale, zero, bits, symmetric, narrow), scale, zero)
 
 
 def fake_quantize_rows(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
@@ -153,7 +153,7 @@ class QTensor:
     shape: tuple[int, ...]
 
     def dequantize(self) -> torch.Tensor:
-        rows = dequantize(self.q.float(), self.scale[:, None], self.zero[:, None])
+        rows = dequantize_affine(self.q.float(), self.scale[:, None], self.zero[:, None])
         return from_rows(rows, self.shape, self.spec)
 
 
@@ -168,5 +168,5 @@ def quantize_tensor(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = 
         lo = rows.min(1).values if lo is None else lo
         hi = rows.max(1).values if hi is None else hi
         scale, zero = qparams(lo, hi, spec)
-    q = quantize(rows, scale[:, None], zero[:, None], spec.bits, spec.symmetric, spec.narrow)
+    q = quantize_affine(rows, scale[:, None], zero[:, None], spec.bits, spec.symmetric, spec.narrow)
     return QTensor(q.to(torch.int16), scale, zero, spec, tuple(x.shape))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepshrink.modeling import call, output_tensor
 from deepshrink.quantization.modules import QuantizedLayer
 
 
@@ -24,10 +25,7 @@ from deepshrink.quantization.modules import QuantizedLayer
 def layer_sensitivity(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Any],
                       cfg: Any) -> dict[str, dict[int, float]]:
     """{layer name: {bits: mean squared logit change}} for each candidate width."""
-    from deepshrink.quantization.ptq import run_model
-    from deepshrink.train import logits_of
-
-    refs = [logits_of(run_model(model, x)).float() for x in batches]
+    refs = [output_tensor(call(model, x)).float() for x in batches]
     out: dict[str, dict[int, float]] = {}
     for name, layer in layers:
         w = layer.weight.data.clone()
@@ -35,8 +33,8 @@ def layer_sensitivity(model: nn.Module, layers: list[tuple[str, nn.Module]], bat
         for b in cfg.candidate_bits:
             spec = cfg.spec_for(name, b)
             q = QuantizedLayer.from_float(layer, spec, "weight-only", method=cfg.weight_range)
-            layer.weight.data.copy_(q.dense_weight())
-            err = sum(float((logits_of(run_model(model, x)).float() - r).pow(2).mean())
+            layer.weight.data.copy_(q.weight)
+            err = sum(float((output_tensor(call(model, x)).float() - r).pow(2).mean())
                       for x, r in zip(batches, refs, strict=True))
             out[name][b] = err / len(batches)
             layer.weight.data.copy_(w)

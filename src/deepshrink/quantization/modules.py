@@ -26,6 +26,26 @@ from deepshrink.quantization.packing import pack_bits, packed_nbytes, unpack_bit
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 MODES = ("weight-only", "dynamic", "static")
+ACT_GRANULARITIES = ("tensor", "token")
+#: Class names of `transformers`' GPT-2 style ``Conv1D`` (a Linear with a transposed weight).
+HF_CONV1D = ("Conv1D",)
+
+
+def is_quantizable(m: nn.Module) -> bool:
+    """Linear, Conv1d, Conv2d, or `transformers`' ``Conv1D`` (matched by class name and shape so
+    that transformers need not be imported)."""
+    return type(m) in QUANTIZABLE or is_hf_conv1d(m)
+
+
+def is_hf_conv1d(m: nn.Module) -> bool:
+    return (type(m).__name__ in HF_CONV1D and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2 and hasattr(m, "nf"))
+
+
+def float_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight in PyTorch's (out, in, ...) layout (``Conv1D`` stores (in, out))."""
+    w = layer.weight.detach().float()
+    return w.t() if is_hf_conv1d(layer) else w
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +181,7 @@ class ActFakeQuant(nn.Module):
 
 
 def _layer_kind(layer: nn.Module) -> str:
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or is_hf_conv1d(layer):
         return "linear"
     if isinstance(layer, nn.Conv1d):
         return "conv1d"
@@ -185,7 +205,7 @@ def _conv_args(layer: nn.Module) -> dict[str, Any]:
             "dilation": list(layer.dilation), "groups": layer.groups}
 
 
-def _apply(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+def apply_layer(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
            conv: dict[str, Any]) -> torch.Tensor:
     if kind == "linear":
         return F.linear(x, w, b)
@@ -212,7 +232,8 @@ class FakeQuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_q is not None:
             x = self.input_q(x)
-        y = _apply(self.kind, x, self.weight_q(self.layer.weight), self.layer.bias, self.conv)
+        w = self.layer.weight.t() if is_hf_conv1d(self.layer) else self.layer.weight
+        y = apply_layer(self.kind, x, self.weight_q(w), self.layer.bias, self.conv)
         return self.output_q(y) if self.output_q is not None else y
 
 
@@ -223,6 +244,23 @@ def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
     scale = torch.clamp((hi - lo) / 255.0, min=1e-12)
     zero = torch.clamp(torch.round(-lo / scale), 0, 255)
     return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def token_scales(x: torch.Tensor) -> torch.Tensor:
+    """Per-token (last axis reduced) symmetric int8 scales: max|x| / 127, shape (..., 1)."""
+    return torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-8) / 127.0
+
+
+def token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes (float tensor in [-127, 127]) and scales: what the exported
+    ReduceMax / Div / Round subgraph computes before ``MatMulInteger``."""
+    s = token_scales(x)
+    return torch.round(x / s), s
+
+
+def token_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    q, s = token_quant(x)
+    return q * s
 
 
 def act_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -258,6 +296,12 @@ class QuantizedLayer(nn.Module):
         # The bias stays float, as a frozen parameter (so parameter counts include it).
         self.bias = (nn.Parameter(torch.zeros(self.shape[0]), requires_grad=False)
                      if meta.get("bias") else None)
+        # Dynamic linears: per-tensor (uint8, DynamicQuantizeMatMul) or per-token (int8) inputs.
+        self.act_granularity = meta.get("act_granularity", "tensor")
+        # SmoothQuant migration kept in the layer: inputs are multiplied by ``in_mul`` (1 / s per
+        # input channel) and the stored weight is W * s, so the float product is unchanged.
+        self.in_mul: torch.Tensor | None
+        self.register_buffer("in_mul", torch.ones(self.shape[1]) if meta.get("smooth") else None)
         if self.mode == "static":
             self.register_buffer("in_scale", torch.tensor(1.0))
             self.register_buffer("in_zero", torch.tensor(0.0))
@@ -277,16 +321,32 @@ class QuantizedLayer(nn.Module):
     @classmethod
     def from_float(cls, layer: nn.Module, spec: QuantSpec, mode: str, *, method: str = "mse",
                    act: ActFakeQuant | None = None, out: ActFakeQuant | None = None,
-                   weight_q: WeightFakeQuant | None = None) -> QuantizedLayer:
+                   weight_q: WeightFakeQuant | None = None, act_granularity: str = "tensor",
+                   smooth: torch.Tensor | None = None) -> QuantizedLayer:
         """Quantize a float layer. ``weight_q`` (from QAT) fixes the scales; else ``method``
-        estimates the clipping range. ``act`` / ``out`` carry calibrated activation params."""
+        estimates the clipping range. ``act`` / ``out`` carry calibrated activation params.
+        ``smooth`` (linear only): SmoothQuant factors s per input channel, kept in the layer
+        (weights times s, inputs divided by s). ``act_granularity="token"``: dynamic linears
+        quantize each token (row of the input) with its own int8 scale."""
         kind = _layer_kind(layer)
-        w = layer.weight.detach().float()
+        w = float_weight(layer)
+        if smooth is not None:
+            if kind != "linear":
+                raise ModelError("smoothing factors apply to linear layers only")
+            w = w * smooth.float()[None, :]
         meta: dict[str, Any] = {"kind": kind, "mode": mode, "spec": spec.to_dict(),
                                 "shape": list(w.shape), "bias": getattr(layer, "bias", None) is not None,
                                 "conv": _conv_args(layer), "act_bits": act.bits if act else 8,
                                 "out_q": out is not None}
+        if is_hf_conv1d(layer):
+            meta["transposed"] = True  # the original layer stored (in, out): keep that view
+        if kind == "linear" and mode == "dynamic" and act_granularity != "tensor":
+            meta["act_granularity"] = act_granularity
+        if smooth is not None:
+            meta["smooth"] = True
         self = cls(meta)
+        if smooth is not None:
+            self.in_mul = (1.0 / smooth.float()).clone()
         rows = to_rows(w, spec)
         if weight_q is not None:
             if weight_q.clip.numel() == 0:
@@ -297,7 +357,7 @@ class QuantizedLayer(nn.Module):
             scale, zero = core.binary_scale(rows), torch.zeros(rows.shape[0])
         else:
             scale, zero = qparams(*weight_range(rows, spec, method), spec)
-        q = core.quantize(rows, scale[:, None], zero[:, None], spec.bits, spec.symmetric, spec.narrow)
+        q = core.quantize_affine(rows, scale[:, None], zero[:, None], spec.bits, spec.symmetric, spec.narrow)
         self.set_codes(q, scale, zero)
         if self.bias is not None:
             self.bias.data.copy_(layer.bias.detach().float())
@@ -344,8 +404,74 @@ class QuantizedLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Dequantized weight, for code that inspects ``layer.weight`` (e.g. its dtype in ViT)."""
-        return self.dense_weight()
+        """Dequantized weight in the original layer's layout, for code that inspects
+        ``layer.weight`` (its dtype in ViT, its shape elsewhere)."""
+        w = self.dense_weight()
+        if self.in_mul is not None:  # undo the smoothing: the original layer's weight
+            w = w * self.in_mul[None, :]
+        return w.t() if self.meta.get("transposed") else w
+
+    # Attributes third-party code reads on the layer it replaced (HF MobileNetV2 reads a conv's
+    # stride / kernel_size / dilation for its TF padding; others read in/out features).
+    @property
+    def in_features(self) -> int:
+        return int(self.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def nf(self) -> int:  # transformers' Conv1D
+        return int(self.shape[0])
+
+    @property
+    def nx(self) -> int:  # transformers' Conv1D
+        return int(self.shape[1])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.shape[1]) * int(self.conv.get("groups", 1))
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(int(k) for k in self.shape[2:])
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return tuple(self.conv.get("stride", ()))
+
+    @property
+    def padding(self) -> tuple[int, ...]:
+        return tuple(self.conv.get("padding", ()))
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return tuple(self.conv.get("dilation", ()))
+
+    @property
+    def groups(self) -> int:
+        return int(self.conv.get("groups", 1))
+
+    @property
+    def padding_mode(self) -> str:
+        return "zeros"
+
+    @property
+    def num_embeddings(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.shape[1])
+
+    def reset_cache(self) -> None:
+        """Forget the cached dense weight (after its buffers were changed in place)."""
+        self._dense = None
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._dense = None
@@ -366,15 +492,20 @@ class QuantizedLayer(nn.Module):
         """The torch computation the exported ONNX graph reproduces."""
         if self.kind == "embedding":
             return F.embedding(x, self.dense_weight())
+        if self.in_mul is not None:
+            x = x * self.in_mul
         if self.mode == "static":
             x = act_fake_quant(x, self.in_scale, self.in_zero, self.act_bits)
         elif self.mode == "dynamic":
-            x = dynamic_fake_quant(x)
-        y = _apply(self.kind, x, self.dense_weight().to(x.dtype), self.bias, self.conv)
+            x = token_fake_quant(x) if self.act_granularity == "token" else dynamic_fake_quant(x)
+        y = apply_layer(self.kind, x, self.dense_weight().to(x.dtype), self.bias, self.conv)
         if self.mode == "static" and self.meta.get("out_q"):
             y = act_fake_quant(y, self.out_scale, self.out_zero, self.act_bits)
         return y
 
     def extra_repr(self) -> str:
+        dyn = self.mode == "dynamic" and self.kind == "linear"
+        acts = f", per-{self.act_granularity} inputs" if dyn else ""
         return (f"{self.kind} {tuple(self.shape)}, {self.mode}, {self.spec.bits} bits, "
-                f"{'sym' if self.spec.symmetric else 'affine'}, per-{self.spec.granularity}")
+                f"{'sym' if self.spec.symmetric else 'affine'}, per-{self.spec.granularity}{acts}"
+                f"{', smoothed' if self.in_mul is not None else ''}")

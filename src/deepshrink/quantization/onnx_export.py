@@ -34,11 +34,13 @@ from torch import nn
 
 from deepshrink.errors import ModelError
 from deepshrink.fileio import atomic_path
+from deepshrink.modeling import output_tensor
 from deepshrink.quantization.modules import (
     QuantizedLayer,
-    _apply,
     act_fake_quant,
+    apply_layer,
     dynamic_fake_quant,
+    token_fake_quant,
 )
 
 OPSET = 17
@@ -76,25 +78,31 @@ class _QLayerFn(torch.autograd.Function):
         if layer.kind == "embedding":
             w = (t["wq"].float() - t["wz"].float().reshape(-1, 1)) * t["ws_r"]
             return torch.nn.functional.embedding(x, w)
+        if layer.in_mul is not None:
+            x = x * t["sm"]
         if layer.mode == "static":
             x = act_fake_quant(x, t["a_s"], t["a_z"].float(), 8)
         elif layer.mode == "dynamic":
-            x = dynamic_fake_quant(x)
+            x = token_fake_quant(x) if layer.act_granularity == "token" else dynamic_fake_quant(x)
         if layer.kind == "linear":
             w = ((t["wq"].float() - t["wz"].float()) * t["ws"]).t()
         else:
             view = (-1,) + (1,) * (t["wq"].dim() - 1)
             w = (t["wq"].float() - t["wz"].float().reshape(view)) * t["ws"].reshape(view)
-        y = _apply(layer.kind, x, w, t["b"], layer.conv)
+        y = apply_layer(layer.kind, x, w, t["b"], layer.conv)
         if layer.mode == "static" and layer.meta.get("out_q"):
             y = act_fake_quant(y, t["o_s"], t["o_z"].float(), 8)
         return y
 
     @staticmethod
     def symbolic(g: Any, x: Any, key: int, wq: Any, ws: Any, wz: Any, b: Any,
-                 a_s: Any, a_z: Any, o_s: Any, o_z: Any, ws_r: Any, b_r: Any) -> Any:
+                 a_s: Any, a_z: Any, o_s: Any, o_z: Any, ws_r: Any, b_r: Any, sm: Any) -> Any:
         layer = _EXPORTING[key]
         mode = layer.mode
+        if layer.in_mul is not None:  # SmoothQuant factors kept in the layer
+            x = _shared(("mul", _value_id(x), _tensor_key(layer.in_mul)), lambda: g.op("Mul", x, sm))
+        if layer.kind == "linear" and mode == "dynamic" and layer.act_granularity == "token":
+            return _token_matmul(g, x, wq, ws, wz, b)
         if layer.kind == "embedding":
             # Gather int8 rows and their scales, then dequantize only the rows used.
             rows = g.op("Cast", g.op("Gather", wq, x, axis_i=0), to_i=1)
@@ -126,6 +134,42 @@ class _QLayerFn(torch.autograd.Function):
         return y
 
 
+# Layers fed the same tensor (query / key / value) share one smoothing Mul and one per-token
+# quantization: built once per export, keyed by the input value and the factors.
+_SHARED: dict[tuple, Any] = {}
+
+
+def _shared(key: tuple, build: Any) -> Any:
+    if key not in _SHARED:
+        _SHARED[key] = build()
+    return _SHARED[key]
+
+
+def _value_id(v: Any) -> int:
+    return int(v.unique()) if hasattr(v, "unique") else id(v)
+
+
+def _tensor_key(t: torch.Tensor) -> int:
+    return hash(t.detach().cpu().numpy().tobytes())
+
+
+def _token_matmul(g: Any, x: Any, wq: Any, ws: Any, wz: Any, b: Any) -> Any:
+    """Per-token symmetric int8 inputs with standard ONNX ops around ``MatMulInteger``:
+    s = max|x| / 127 per row; q = round(x / s) in [-127, 127], stored as uint8 q + 128 with zero
+    point 128 (ONNX Runtime's u8 x s8 kernel is its fast one); y = float(q W) * s * w_scale + b."""
+    q, s, zp = _shared(("token", _value_id(x)), lambda: _token_quant(g, x))
+    yi = g.op("Cast", g.op("MatMulInteger", q, wq, zp, wz), to_i=1)  # 1: FLOAT
+    return g.op("Add", g.op("Mul", g.op("Mul", yi, ws), s), b)
+
+
+def _token_quant(g: Any, x: Any) -> tuple[Any, Any, Any]:
+    f32 = lambda v: g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+    s = g.op("Div", g.op("Max", amax, f32(1e-8)), f32(127.0))
+    q = g.op("Cast", g.op("Add", g.op("Round", g.op("Div", x, s)), f32(128.0)), to_i=2)  # 2: UINT8
+    return q, s, g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
+
+
 def _typed(y: Any, x: Any, out_features: int) -> Any:
     """Give a contrib op's output its type so the exporter's shape inference stays quiet."""
     try:
@@ -140,7 +184,7 @@ def _u8(z: torch.Tensor) -> torch.Tensor:
     return z.round().clamp(0, 255).to(torch.uint8).reshape(())
 
 
-_ARGS = ("wq", "ws", "wz", "b", "a_s", "a_z", "o_s", "o_z", "ws_r", "b_r")
+_ARGS = ("wq", "ws", "wz", "b", "a_s", "a_z", "o_s", "o_z", "ws_r", "b_r", "sm")
 
 
 def _export_tensors(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
@@ -171,7 +215,8 @@ def _export_tensors(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
             "o_s": layer.out_scale.reshape(()).clone() if has_out else one,
             "o_z": _u8(layer.out_zero) if has_out else zero,
             "ws_r": (ws.expand(out_ch) if ws.dim() == 0 else ws).reshape(bshape).clone(),
-            "b_r": b.reshape(bshape).clone()}
+            "b_r": b.reshape(bshape).clone(),
+            "sm": layer.in_mul.clone() if layer.in_mul is not None else one}
 
 
 def export_layer(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
@@ -182,37 +227,39 @@ def export_layer(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 class _LogitsWrapper(nn.Module):
-    """Positional inputs -> the model's logits (HF models take keyword inputs and return
-    output objects)."""
+    """Positional inputs -> the model's output tensor (HF models take keyword inputs and return
+    output objects: logits, or last_hidden_state for a plain encoder, or the named output)."""
 
-    def __init__(self, model: nn.Module, names: list[str] | None) -> None:
+    def __init__(self, model: nn.Module, names: list[str] | None, output: str | None = None) -> None:
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.output = model, names, output
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        from deepshrink.train import logits_of
-
         out = self.model(**dict(zip(self.names, xs, strict=True))) if self.names else self.model(*xs)
-        return logits_of(out)
+        return output_tensor(out, self.output)
 
 
-def export_onnx(model: nn.Module, path: str | Path | None, example: torch.Tensor | dict[str, torch.Tensor],
-                *, opset: int = OPSET, dynamic_seq: bool = False) -> bytes:
+def export_onnx(model: nn.Module, path: str | Path | None,
+                example: torch.Tensor | tuple | dict[str, torch.Tensor], *, opset: int = OPSET,
+                dynamic_seq: bool = False, output: str | None = None) -> bytes:
     """Export ``model`` (float or quantized) to a single ONNX file with a dynamic batch axis.
 
     ``example`` is an input batch, or a dict of named inputs (``{"input_ids": ...}`` for a
-    `transformers` model). The output is named ``logits``. Returns the serialized model and,
+    `transformers` model). The graph's one output is named ``logits`` whatever it holds: the
+    model's logits, else its ``last_hidden_state`` (a plain encoder), or the field named by
+    ``output`` (see :func:`deepshrink.modeling.output_tensor`). Returns the serialized model and,
     when ``path`` is given, writes it atomically.
     """
     names = list(example) if isinstance(example, dict) else None
-    args = tuple(example.values()) if isinstance(example, dict) else (example,)
-    input_names = names or ["input"]
+    args = (tuple(example.values()) if isinstance(example, dict)
+            else example if isinstance(example, tuple) else (example,))
+    input_names = names or (["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))])
     axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in input_names}
     if dynamic_seq:
         for n in input_names:
             axes[n][1] = "seq"
     axes["logits"] = {0: "batch"}
-    wrapper = _LogitsWrapper(model, names).eval()
+    wrapper = _LogitsWrapper(model, names, output).eval()
     buf = io.BytesIO()
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     for layer in layers:  # temporary buffers: the tracer turns them into named initializers
@@ -228,6 +275,7 @@ def export_onnx(model: nn.Module, path: str | Path | None, example: torch.Tensor
                               custom_opsets=contrib, do_constant_folding=True)
     finally:
         _EXPORTING.clear()
+        _SHARED.clear()
         for layer in layers:
             for k in _ARGS:
                 delattr(layer, f"onnx_{k}")

@@ -12,20 +12,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import nn
 
 from deepshrink.config import Config, check
+from deepshrink.modeling import call, eval_mode, set_submodule
 from deepshrink.models import record_edit
 from deepshrink.quantization.core import QuantSpec, validate_bits
-from deepshrink.quantization.modules import ActFakeQuant, FakeQuantLayer, QuantizedLayer, WeightFakeQuant
-from deepshrink.quantization.ptq import (
-    bits_for,
-    calibration_batches,
-    quantizable_layers,
-    run_model,
-    set_module,
-    validate_weight_fields,
+from deepshrink.quantization.modules import (
+    ActFakeQuant,
+    FakeQuantLayer,
+    QuantizedLayer,
+    WeightFakeQuant,
+    float_weight,
 )
+from deepshrink.quantization.ptq import bits_for, need_batches, quantizable_layers, validate_weight_fields
 
 
 @dataclasses.dataclass
@@ -38,47 +39,50 @@ class QATConfig(Config):
     lsq: bool = False  # learned step size for weights and activations
     weight_range: str = "mse"  # initial clipping: minmax | percentile | mse
     momentum: float = 0.1  # activation moving-average range
-    layer_bits: dict[str, int] = dataclasses.field(default_factory=dict)  # name pattern -> bits
-    skip: tuple[str, ...] = ()
-    calib_batches: int = 4
+    overrides: dict[str, int] = dataclasses.field(default_factory=dict)  # name regex -> weight bits
+    ignore: tuple[str, ...] = ()  # name regexes (full match) left in float
+    calibration_batches: int = 4
 
     def validate(self) -> None:
         n = type(self).__name__
         validate_weight_fields(self)
         if self.act_bits is not None:
             validate_bits(n, "act_bits", self.act_bits)
+        check(self.calibration_batches >= 1, n, "calibration_batches",
+              f"must be >= 1, got {self.calibration_batches}")
         check(0.0 < self.momentum <= 1.0, n, "momentum", f"must be in (0, 1], got {self.momentum}")
 
 
-def prepare_qat(model: nn.Module, config: QATConfig | None = None, calibration_data: Any = None
-                ) -> nn.Module:
+def prepare_qat(model: nn.Module, config: QATConfig | None = None, *, example_inputs: Any = None,
+                calibration: Any = None) -> nn.Module:
     """Wrap every quantizable layer with fake quantizers, **in place**; return the model.
 
-    ``calibration_data`` initialises activation ranges (required with ``lsq`` and ``act_bits``,
+    ``calibration`` (or else ``example_inputs``, one batch) initialises activation ranges
+    (required with ``lsq`` and ``act_bits``,
     whose learned scales must exist before the optimizer is built)."""
     cfg = config or QATConfig()
+    if calibration is None and example_inputs is not None:
+        calibration = [example_inputs]
     acts: list[ActFakeQuant] = []
-    for name, layer in quantizable_layers(model, cfg.skip):
-        spec = QuantSpec(bits=bits_for(name, cfg.bits, cfg.layer_bits), symmetric=cfg.symmetric,
+    for name, layer in quantizable_layers(model, cfg.ignore):
+        spec = QuantSpec(bits=bits_for(name, cfg.bits, cfg.overrides), symmetric=cfg.symmetric,
                          granularity=cfg.granularity, group_size=cfg.group_size)
         wq = WeightFakeQuant(spec, cfg.weight_range, cfg.lsq)
-        wq.init_from(layer.weight)
+        wq.init_from(float_weight(layer))
         a_in = a_out = None
         if cfg.act_bits is not None:
             a_in = ActFakeQuant(cfg.act_bits, "moving_average", cfg.lsq, momentum=cfg.momentum)
-            if not isinstance(layer, nn.Linear):
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
                 a_out = ActFakeQuant(cfg.act_bits, "moving_average", cfg.lsq, momentum=cfg.momentum)
             acts += [a for a in (a_in, a_out) if a is not None]
-        set_module(model, name, FakeQuantLayer(layer, wq, a_in, a_out))
-    if acts and (calibration_data is not None or cfg.lsq):
-        batches = calibration_batches(calibration_data, cfg.calib_batches)
+        set_submodule(model, name, FakeQuantLayer(layer, wq, a_in, a_out))
+    if acts and (calibration is not None or cfg.lsq):
+        batches = need_batches(calibration, cfg.calibration_batches, "QAT with learned step sizes")
         for a in acts:
             a.observing = True
-        was_training = model.training
-        model.eval()
-        for x in batches:
-            run_model(model, x)
-        model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            for x in batches:
+                call(model, x)
         for a in acts:
             a.observing = False
             a.freeze()
@@ -92,7 +96,7 @@ def convert(model: nn.Module) -> nn.Module:
         mode = "static" if m.input_q is not None else "weight-only"
         q = QuantizedLayer.from_float(m.layer, m.weight_q.spec, mode, act=m.input_q, out=m.output_q,
                                       weight_q=m.weight_q)
-        set_module(model, name, q)
+        set_submodule(model, name, q)
         metas[name] = q.meta
     model.eval()
     record_edit(model, {"kind": "quantize", "layers": metas})
