@@ -114,3 +114,14 @@ def test_shipped_recipe_runs_on_digits(path, digits, digits_model, tmp_path):
         assert sum(p.numel() for p in reloaded.parameters()) > 0
     assert len(saved["latency"]["1"]["samples_ms"]) == len(stages)
     assert res.path == tmp_path / "results.json"
+
+
+def test_qat_stage_runs(digits, digits_model, tmp_path):
+    model, model_file = digits_model
+    raw = _recipe({"stage": "quantize", "config": {"type": "QATConfig", "bits": 4, "act_bits": None},
+                   "finetune": {"epochs": 1}})
+    res = run_recipe(parse_recipe(raw), model, digits, tmp_path, model_file=model_file, progress=False,
+                     latency=False)
+    final = res.results["stages"][-1]
+    assert final["size_ratio"] > 4 and final["test_top1"] > 0.5
+    assert {r["bits"] for r in final["layers"] if len(r["shape"]) == 2} == {4}

@@ -287,11 +287,11 @@ def pack_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
 def quantize_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     model = ctx.model
     if isinstance(spec.config, QATConfig):
-        prepare_qat(model, spec.config, ctx.data)
+        prepare_qat(model, spec.config, calibration=ctx.data)
         info = finetune(ctx, spec, model)
         convert(model)
     else:
-        quantize(model, spec.config, ctx.data)
+        quantize(model, spec.config, calibration=ctx.data)
         info = {}
     return StageOutput(model, _save(ctx, spec, model), info=info)
 
