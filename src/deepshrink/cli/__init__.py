@@ -6,14 +6,14 @@ import signal
 
 import typer
 
-from deepshrink.cli import compress, core, distill, early_exit, prune, quantize, redesign
+from deepshrink.cli import compress, core, distill, early_exit, prune, quantize, redesign, run
 from deepshrink.cli.common import quiet_unless_main
 
 app = typer.Typer(help="deepshrink: make trained PyTorch models small and fast.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 # One line per family: module with a `register(app)` function.
-for _module in (core, prune, compress, distill, quantize, redesign, early_exit):
+for _module in (core, prune, compress, distill, quantize, redesign, early_exit, run):
     _module.register(app)
 
 

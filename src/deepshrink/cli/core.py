@@ -154,3 +154,5 @@ def register(app: typer.Typer) -> None:
         else:
             table.print(out)
             err.print(f"files in {output}/, results in {output}/demo.json")
+        if (output / "report.html").exists():  # the workflow stage's run, as an HTML report
+            err.print(f"report: {(output / 'report.html').resolve()}")

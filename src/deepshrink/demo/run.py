@@ -17,7 +17,16 @@ import torch
 
 from deepshrink.checkpoint import save
 from deepshrink.data import load_digits
-from deepshrink.demo import channels, distill, early_exit, quantization, redesign, sharing, unstructured
+from deepshrink.demo import (
+    channels,
+    distill,
+    early_exit,
+    quantization,
+    redesign,
+    sharing,
+    unstructured,
+    workflow,
+)
 from deepshrink.demo.context import DemoContext
 from deepshrink.measure import ModelReport, ResultTable, compare_latency, speedup
 from deepshrink.models import create_model
@@ -35,6 +44,7 @@ STAGES: list[Stage] = [
     redesign.demo_stage,
     quantization.demo_stage,
     early_exit.demo_stage,
+    workflow.demo_stage,
 ]
 
 
@@ -85,4 +95,15 @@ def run_demo(out_dir: str | Path = "demo-out", *, quick: bool = False, seed: int
     time_all(ctx)
     ctx.table.title += f" — {time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads"
     (out / "demo.json").write_text(ctx.table.to_json())
+    write_demo_report(ctx)
     return ctx.table
+
+
+def write_demo_report(ctx: DemoContext) -> None:
+    """The run's HTML report: the workflow stage's measured recipe run, plus the demo table."""
+    results = ctx.shared.get("workflow_results")
+    if results is None:  # the workflow stage was not among the stages run
+        return
+    from deepshrink.report import write_report
+
+    write_report({**results, "demo_table": ctx.table.to_dict()}, ctx.out_dir / "report.html")

@@ -1,0 +1,480 @@
+"""Search to a target: per-layer sensitivity, then successive halving over compositions of
+techniques, selection on the validation split only.
+
+1. Sensitivity: every prunable layer pruned alone at several ratios, validation accuracy each.
+   A target sparsity is spread over the layers greedily, cheapest accuracy per removed weight
+   first (the big first layer takes the most, the classifier the least — Han et al.'s pattern,
+   found from data instead of by hand).
+2. Candidates: knob settings drawn (seeded) from the objective's space, each compiled to a
+   recipe — size: iterative pruning with KD from the original, k-means sharing (2-5 bits,
+   fp16/fp32 codebooks) with centroid fine-tuning, Huffman-coded .dsz; latency / MACs: channel
+   pruning with KD, static int8 run by ONNX Runtime.
+3. Successive halving: every candidate runs with a short fine-tune budget; the best third by
+   the objective (among those within ``max_drop`` plus a slack that shrinks per rung, on the
+   validation split) run again with ``eta`` times the budget, and so on.
+4. Selection and report: the Pareto fronts (bytes, latency) over all finished trials on
+   validation accuracy; the chosen model meets ``max_drop`` on validation and, with a target,
+   the target (most accurate such model), else is the smallest / fastest. Only then is the test
+   split read, once, for the chosen and the front models.
+
+State (sensitivity, every finished trial) is written atomically to ``search-state.json`` after
+each trial; running again with the same ``out_dir`` and config resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from deepshrink import checkpoint
+from deepshrink.config import Config, check
+from deepshrink.data import DataBundle
+from deepshrink.errors import ConfigError
+from deepshrink.fileio import atomic_write_text
+from deepshrink.pruning import sensitivity_scan
+from deepshrink.train import evaluate
+from deepshrink.workflow.latency import interleaved_latency, latency_summary
+from deepshrink.workflow.pareto import pareto_front
+from deepshrink.workflow.recipe import machine_info, parse_recipe, run_recipe
+
+OBJECTIVES = ("size", "latency", "macs")
+SENS_RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+# Fine-tune budget per rung: (pruning rounds, epochs per round, epochs after sharing / channels).
+RUNG_BUDGET = ((2, 1, 1), (3, 2, 2), (6, 4, 6), (8, 4, 8))
+
+
+@dataclasses.dataclass
+class SearchConfig(Config):
+    """What to search for. ``target``: a size such as ``50KB`` / ``1.5MB`` / ``20000B``, or a
+    factor such as ``2x`` (smaller for size, faster for latency, fewer MACs for macs)."""
+
+    objective: str = "size"
+    max_drop: float = 0.5  # validation top-1 points below the original
+    target: str | None = None
+    time_budget: float | None = None  # seconds, over all sessions of a resumed search
+    # "wall", or "cpu": this process's CPU seconds (with one thread, the wall time the search
+    # would take on an idle machine; fair budgets on a machine shared with other jobs)
+    budget_clock: str = "wall"
+    candidates: int = 8  # drawn for rung 0
+    eta: int = 2  # each rung keeps the best 1/eta and gives them eta-fold (or more) fine-tuning
+    rungs: int = 3
+    epochs_scale: float = 1.0  # multiplies every fine-tune's epochs (rounded, at least 1)
+    lr: float = 1e-3
+    kd_temperature: float = 4.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check(self.objective in OBJECTIVES, n, "objective",
+              f"must be one of {OBJECTIVES}, got {self.objective!r}")
+        check(0 <= self.max_drop <= 100, n, "max_drop", f"must be in [0, 100] points, got {self.max_drop}")
+        check(self.candidates >= 1, n, "candidates", f"must be >= 1, got {self.candidates}")
+        check(self.eta >= 2, n, "eta", f"must be >= 2, got {self.eta}")
+        check(1 <= self.rungs <= len(RUNG_BUDGET), n, "rungs", f"must be in [1, {len(RUNG_BUDGET)}]")
+        check(self.epochs_scale > 0, n, "epochs_scale", "must be > 0")
+        check(self.budget_clock in ("wall", "cpu"), n, "budget_clock",
+              f"must be wall or cpu, got {self.budget_clock!r}")
+        check(self.time_budget is None or self.time_budget > 0, n, "time_budget", "must be > 0")
+        if self.target is not None:
+            parse_target(self.target, self.objective)
+
+
+def parse_target(text: str, objective: str) -> tuple[str, float]:
+    """``("bytes", n)`` for a size, ``("factor", f)`` for ``Nx``; errors name the option."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|B|KB|KiB|MB|MiB)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"SearchConfig.target: {text!r} is not a size (50KB) or a factor (2x)")
+    value, unit = float(m.group(1)), (m.group(2) or "x").lower()
+    if unit == "x":
+        if value < 1:
+            raise ConfigError(f"SearchConfig.target: factor must be >= 1, got {text!r}")
+        return "factor", value
+    if objective != "size":
+        raise ConfigError(f"SearchConfig.target: a size ({text!r}) needs --objective size")
+    scale = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2}[unit]
+    return "bytes", value * scale
+
+
+# --- sensitivity and allocation ---------------------------------------------------------------
+
+def allocate(sens: dict[str, Any], target: float, cap: float = 0.98, step: float = 0.01) -> dict[str, float]:
+    """Per-layer pruning ratios reaching ``target`` of all weights, cheapest accuracy first.
+
+    Each layer's drop curve (one-shot, from the scan) is made monotone and interpolated; the
+    ratio of the layer whose next ``step`` costs the least accuracy per removed weight grows
+    until enough weights are gone.
+    """
+    names = list(sens["top1"])
+    params = sens["params"]
+    total = sum(params[n] for n in names)
+    xs = [0.0, *sens["ratios"]]
+
+    def drop(name: str, r: float) -> float:
+        ys, run = [], 0.0
+        for a in [sens["baseline_top1"], *sens["top1"][name]]:
+            run = max(run, sens["baseline_top1"] - a)
+            ys.append(run)
+        for i in range(1, len(xs)):
+            if r <= xs[i]:
+                return ys[i - 1] + (ys[i] - ys[i - 1]) * (r - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[-1]
+
+    ratios = dict.fromkeys(names, 0.0)
+    removed = 0.0
+    while removed < target * total:
+        best, best_cost = None, float("inf")
+        for n in names:
+            r = ratios[n]
+            if r + step > cap + 1e-9:
+                continue
+            cost = (max(0.0, drop(n, r + step) - drop(n, r)) + 1e-6) / (step * params[n])
+            if cost < best_cost:
+                best, best_cost = n, cost
+        if best is None:
+            break
+        ratios[best] = round(ratios[best] + step, 4)
+        removed += step * params[best]
+    return ratios
+
+
+def sensitivity(model: nn.Module, data: DataBundle) -> dict[str, Any]:
+    s = sensitivity_scan(model, data.loader("val", 1000), ratios=SENS_RATIOS)
+    return {"baseline_top1": s.baseline_top1, "ratios": s.ratios, "top1": s.top1, "params": s.params}
+
+
+# --- the space: knobs -> recipe ---------------------------------------------------------------
+
+SPACES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "size": {"sparsity": (0.85, 0.88, 0.9, 0.92, 0.94, 0.96), "bits": (2, 3, 4, 5),
+             "codebook": ("float16", "float32"), "kd": (0.0, 0.5, 0.7)},
+    "latency": {"channels": (0.0, 0.25, 0.5, 0.65), "int8": (True, False), "kd": (0.0, 0.7)},
+    "macs": {"channels": (0.3, 0.5, 0.65, 0.8), "kd": (0.0, 0.7)},
+}
+
+
+def knob_key(knobs: dict[str, Any]) -> str:
+    return "-".join(f"{k}{v}" for k, v in sorted(knobs.items()))
+
+
+def draw_candidates(cfg: SearchConfig) -> list[dict[str, Any]]:
+    """``cfg.candidates`` distinct knob settings, seeded, stratified: each knob's values are
+    dealt out in turn (shuffled), so every value of every knob appears once there are as many
+    candidates as the knob has values (a Latin-hypercube-like cover of the grid)."""
+    space = SPACES[cfg.objective]
+    rng = random.Random(cfg.seed)
+    columns = {}
+    for k, vals in space.items():
+        col: list[Any] = []
+        while len(col) < cfg.candidates:
+            chunk = list(vals)
+            rng.shuffle(chunk)
+            col.extend(chunk)
+        columns[k] = col
+    out, seen = [], set()
+    for i in range(cfg.candidates):
+        knobs = {k: columns[k][i] for k in space}
+        if knob_key(knobs) not in seen:
+            seen.add(knob_key(knobs))
+            out.append(knobs)
+    return out
+
+
+def _epochs(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+def build_recipe(knobs: dict[str, Any], rung: int, cfg: SearchConfig, sens: dict[str, Any] | None
+                 ) -> dict[str, Any]:
+    """The recipe (a plain mapping, as in a recipe file) for one candidate at one rung."""
+    rounds, ep, ep2 = RUNG_BUDGET[rung]
+    ft = {"epochs": _epochs(ep, cfg.epochs_scale), "lr": cfg.lr, "batch_size": 128, "keep_best": True,
+          "augment": "none"}
+    teacher = {"alpha": knobs["kd"], "temperature": cfg.kd_temperature} if knobs.get("kd") else None
+    stages: list[dict[str, Any]] = []
+
+    def add(stage: str, config: dict[str, Any], kd: bool = True, **kw: Any) -> None:
+        stages.append({"stage": stage, "config": config, **({"teacher": teacher} if teacher and kd else {}),
+                       **kw})
+
+    if cfg.objective == "size":
+        layer = allocate(sens, knobs["sparsity"]) if sens else {}
+        add("prune", {"type": "UnstructuredConfig", "ratio": knobs["sparsity"], "scope": "layer",
+                      "overrides": {re.escape(n): r for n, r in layer.items()}},
+            rounds=rounds, spacing="cubic", finetune=ft)
+        b = knobs["bits"]
+        add("share", {"bits": b, "conv_bits": b + 1, "bias_bits": max(4, b + 1)},
+            finetune={**ft, "epochs": _epochs(ep2, cfg.epochs_scale), "lr": cfg.lr / 10})
+        add("pack", {"codebook_dtype": knobs["codebook"]}, kd=False)
+    else:
+        if knobs.get("channels"):
+            add("channels", {"ratio": knobs["channels"], "importance": "activation"},
+                finetune={**ft, "epochs": _epochs(ep2 + rounds * ep // 2, cfg.epochs_scale)})
+        if knobs.get("int8"):
+            add("quantize", {"type": "PTQConfig", "mode": "static", "bits": 8}, kd=False)
+            add("export", {"format": "onnx"}, kd=False)
+        if not stages:  # nothing to do: the original itself, as saved
+            add("quantize", {"type": "PTQConfig", "mode": "weight-only", "bits": 8}, kd=False)
+    return {"name": f"r{rung}-{knob_key(knobs)}", "seed": cfg.seed, "stages": stages}
+
+
+# --- state ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SearchState:
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def open(cls, out_dir: Path, cfg: SearchConfig, model_file: str) -> SearchState:
+        path = out_dir / "search-state.json"
+        fresh = {"config": cfg.to_dict(), "model_file": model_file, "elapsed": 0.0, "trials": {},
+                 "sensitivity": None}
+        if not path.exists():
+            return cls(path, fresh)
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable search state: {exc}",
+                              hint="delete it or choose another --out to start over") from None
+        keep = ("time_budget",)  # a resumed search may be given more time
+        old = {k: v for k, v in (data.get("config") or {}).items() if k not in keep}
+        new = {k: v for k, v in cfg.to_dict().items() if k not in keep}
+        if old != new or data.get("model_file") != model_file:
+            raise ConfigError(f"{path}: this directory holds a search with another config or model",
+                              hint="use a new --out directory, or the same options to resume")
+        return cls(path, data)
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
+
+
+# --- the search -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SearchResult:
+    results: dict[str, Any]
+    path: Path
+
+
+def _score(t: dict[str, Any], cfg: SearchConfig, slack: float) -> tuple[int, float]:
+    """Sort key (lower is better): feasible trials by the objective, then the rest by drop."""
+    if t["status"] != "done":
+        return (2, 0.0)
+    if t["val_drop_pt"] > cfg.max_drop + slack:
+        return (1, t["val_drop_pt"])
+    obj = {"size": t["bytes"], "latency": -(t.get("speedup") or 0.0), "macs": t["macs"]}[cfg.objective]
+    return (0, obj)
+
+
+def _trial(knobs: dict[str, Any], rung: int, cfg: SearchConfig, state: SearchState, model: nn.Module,
+           data: DataBundle, out_dir: Path, model_file: str, log: Callable[[str], None]) -> dict[str, Any]:
+    raw = build_recipe(knobs, rung, cfg, state.data["sensitivity"])
+    tid = raw["name"]
+    done = state.data["trials"].get(tid)
+    if done is not None:
+        log(f"  {tid}: resumed from state")
+        return done
+    t0 = time.perf_counter()
+    recipe = parse_recipe(raw, tid)
+    res = run_recipe(recipe, model, data, out_dir / "trials" / tid, model_file=model_file, test=False,
+                     latency=False, progress=False, log=lambda s: None)
+    final = res.results["stages"][-1]
+    runner = checkpoint.load(out_dir / "trials" / tid / final["file"]) if not final["file"].endswith(
+        ".onnx") else _ort(out_dir / "trials" / tid / final["file"])
+    x = data.test.tensors[0][:1]
+    samples = interleaved_latency({"original": model, "trial": runner}, x, rounds=20)
+    summ = latency_summary(samples, "original")
+    rec = {"trial": tid, "rung": rung, "knobs": knob_key(knobs), "knob_values": knobs, "status": "done",
+           "recipe": raw, "file": str(Path("trials") / tid / final["file"]),
+           **{k: final[k] for k in ("bytes", "params", "nonzero", "macs", "val_top1", "size_ratio",
+                                    "macs_ratio", "val_drop_pt")},
+           "speedup": summ["trial"]["speedup"], "layers": final["layers"],
+           "stages": [{k: s.get(k) for k in ("label", "bytes", "size_ratio", "val_top1", "val_drop_pt",
+                                             "seconds")} for s in res.results["stages"]],
+           "seconds": time.perf_counter() - t0}
+    log(f"  {tid}: {rec['bytes']:,} B ({rec['size_ratio']:.1f}x), {rec['speedup']:.2f}x faster, "
+        f"val {100 * rec['val_top1']:.2f}% ({rec['val_drop_pt']:+.2f} pt) in {rec['seconds']:.0f} s")
+    return rec
+
+
+def _estimate(state: SearchState, rung: int) -> float:
+    """Expected budget-clock seconds of the next trial at ``rung``: the mean of that rung's
+    trials so far, else the previous rung's scaled by the fine-tuning epochs."""
+    def mean(r: int) -> float | None:
+        secs = [t["clock_seconds"] for t in state.data["trials"].values()
+                if t["rung"] == r and "clock_seconds" in t]
+        return sum(secs) / len(secs) if secs else None
+
+    def epochs(r: int) -> int:
+        rounds, ep, ep2 = RUNG_BUDGET[r]
+        return rounds * ep + ep2
+
+    for r in range(rung, -1, -1):
+        m = mean(r)
+        if m is not None:
+            return m * epochs(rung) / epochs(r)
+    return 0.0
+
+
+def _ort(path: Path) -> Any:
+    from deepshrink.quantization import OrtModel
+
+    return OrtModel(path, threads=1)
+
+
+def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: str | Path, *,
+           model_file: str | Path, command: str | None = None, max_trials: int | None = None,
+           log: Callable[[str], None] | None = None) -> SearchResult:
+    """Run (or resume) the search; write ``search.json`` into ``out_dir`` (render it with
+    :func:`deepshrink.report.write_report`).
+
+    ``max_trials`` stops after that many *new* trials (as an interrupt would), leaving the state
+    to resume from.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).eval()
+    state = SearchState.open(out, config, str(model_file))
+    clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
+    session0, elapsed0 = clock(), state.data["elapsed"]
+
+    def elapsed() -> float:
+        return elapsed0 + clock() - session0
+
+    if state.data["sensitivity"] is None:
+        log("sensitivity scan (validation split) ...")
+        state.data["sensitivity"] = sensitivity(model, data)
+        state.data["elapsed"] = elapsed()
+        state.save()
+    new, stopped = 0, None
+    pool = draw_candidates(config)
+    for rung in range(config.rungs):
+        log(f"rung {rung}: {len(pool)} candidate(s), budget {RUNG_BUDGET[rung]}")
+        rung_trials = []
+        for i, knobs in enumerate(pool):
+            # A trial already in the state costs nothing now: resuming replays it, budget or not.
+            known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung
+                        for t in state.data["trials"].values())
+            budget_left = config.time_budget is None or (
+                elapsed() + _estimate(state, rung) <= config.time_budget)
+            if not known and not budget_left:
+                stopped = f"time budget of {config.time_budget:.0f} s spent (next trial would not fit)"
+                break
+            if not known and max_trials is not None and new >= max_trials:
+                stopped = f"stopped after {max_trials} new trial(s)"
+                break
+            log(f"[trial {i + 1}/{len(pool)}, rung {rung}, {elapsed():.0f} s]")
+            c0 = elapsed()
+            rec = _trial(knobs, rung, config, state, model, data, out, str(model_file), log)
+            rec.setdefault("clock_seconds", elapsed() - c0)
+            new += 0 if known else 1
+            state.data["trials"][rec["trial"]] = rec
+            state.data["elapsed"] = elapsed()
+            state.save()
+            rung_trials.append(rec)
+        if stopped or rung + 1 == config.rungs:
+            break
+        # Early rungs fine-tune less, so accuracy recovers later: be lenient there, or only the
+        # lightly compressed candidates survive (the low-fidelity bias of successive halving).
+        slack = (config.rungs - 1 - rung) * max(1.25, 2 * config.max_drop)
+        ranked = sorted(rung_trials, key=lambda t: _score(t, config, slack))
+        # ceil: with few candidates, floor division would leave one survivor per rung; the time
+        # budget, not the rounding, should decide how many get the long fine-tune.
+        pool = [t["knob_values"] for t in ranked[: max(1, math.ceil(len(ranked) / config.eta))]]
+    if stopped:
+        log(f"search {stopped}")
+        if max_trials is not None and "new trial" in stopped:
+            return SearchResult({"stopped": stopped, "trials": list(state.data["trials"].values())},
+                                state.path)
+    return _finish(model, data, config, state, out, model_file, command, stopped, elapsed(), log)
+
+
+def choose(trials: list[dict[str, Any]], cfg: SearchConfig) -> dict[str, Any] | None:
+    """The chosen trial, from validation numbers only (see the module docstring)."""
+    ok = [t for t in trials if t["status"] == "done" and t["val_drop_pt"] <= cfg.max_drop]
+    if cfg.target is not None:
+        kind, value = parse_target(cfg.target, cfg.objective)
+        metric = {"size": "size_ratio", "latency": "speedup", "macs": "macs_ratio"}[cfg.objective]
+        met = [t for t in ok if (t["bytes"] <= value if kind == "bytes" else (t.get(metric) or 0) >= value)]
+        if met:
+            return max(met, key=lambda t: (t["val_top1"], t["trial"]))
+    if not ok:
+        return None
+    return min(ok, key=lambda t: (_score(t, cfg, 0.0), t["trial"]))
+
+
+def _finish(model: nn.Module, data: DataBundle, cfg: SearchConfig, state: SearchState, out: Path,
+            model_file: str | Path, command: str | None, stopped: str | None, seconds: float,
+            log: Callable[[str], None]) -> SearchResult:
+    trials = sorted(state.data["trials"].values(), key=lambda t: (t["rung"], t["trial"]))
+    chosen = choose(trials, cfg)
+    orig = _original(model, data, model_file)
+    fronts = {"size": pareto_front(trials, "bytes", "val_top1"),
+              "latency": pareto_front(trials, "speedup", "val_top1", minimize_x=False)}
+    picked: dict[str, dict[str, Any]] = {}
+    if chosen is not None:
+        picked[chosen["trial"]] = {**chosen, "role": "chosen"}
+    for name, front in fronts.items():
+        for t in front:
+            picked.setdefault(t["trial"], {**t, "role": f"{name} front"})
+    selected = list(picked.values())
+    # Selection is over. Now, and only now, the test split: once per returned model.
+    runners = {"original": model}
+    for s in selected:
+        runner = _load(out / s["file"])
+        s["test_top1"] = evaluate(runner, data.loader("test", 1000))["top1"]
+        s["test_drop_pt"] = 100 * (orig["test_top1"] - s["test_top1"])
+        runners[s["trial"]] = runner
+    x = data.test.tensors[0][:1]
+    samples = interleaved_latency(runners, x)
+    summ = latency_summary(samples, "original")
+    for s in selected:
+        s["speedup_final"] = summ[s["trial"]]["speedup"]
+    results = {"kind": "search", "objective": cfg.objective, "max_drop": cfg.max_drop, "target": cfg.target,
+               "config": cfg.to_dict(), "model_file": str(model_file), "data": data.name,
+               "command": command or " ".join(sys.argv), "machine": machine_info(), "original": orig,
+               "sensitivity": state.data["sensitivity"], "trials": trials,
+               "chosen": chosen["trial"] if chosen else None, "selected": selected,
+               "fronts": {k: [t["trial"] for t in v] for k, v in fronts.items()},
+               "latency": {"1": {"samples_ms": samples, "summary": summ}},
+               "stopped": stopped, "seconds": seconds}
+    path = out / "search.json"
+    atomic_write_text(path, json.dumps(results, indent=2, default=str))
+    if chosen is None:
+        log(f"no trial stayed within {cfg.max_drop} pt on validation")
+    else:
+        c = picked[chosen["trial"]]
+        log(f"chosen {c['trial']}: {c['bytes']:,} B ({c['size_ratio']:.1f}x), "
+            f"val {100 * c['val_top1']:.2f}%, "
+            f"test {100 * c['test_top1']:.2f}% ({c['test_drop_pt']:+.2f} pt)")
+    return SearchResult(results, path)
+
+
+def _load(path: Path) -> Any:
+    return _ort(path) if path.suffix == ".onnx" else checkpoint.load(path)
+
+
+def _original(model: nn.Module, data: DataBundle, model_file: str | Path) -> dict[str, Any]:
+    from deepshrink.measure import count_macs, count_params, file_bytes
+
+    total, nonzero = count_params(model)
+    return {"label": "original", "bytes": file_bytes(model_file), "params": total, "nonzero": nonzero,
+            "macs": count_macs(model, data.train.tensors[0][:1])[0], "speedup": 1.0, "size_ratio": 1.0,
+            "val_top1": evaluate(model, data.loader("val", 1000))["top1"],
+            "test_top1": evaluate(model, data.loader("test", 1000))["top1"]}
+
+
+__all__ = ["SearchConfig", "SearchResult", "allocate", "build_recipe", "choose", "draw_candidates",
+           "parse_target", "search"]
