@@ -9,11 +9,18 @@ from deepshrink.models.registry import (
     create_model,
     get_spec,
     list_models,
-    record_edit,
     register_model,
     set_spec,
 )
-from deepshrink.models.spec import build_checked, build_from_spec, edit_kinds, register_edit, spec_of
+from deepshrink.models.spec import (
+    build_checked,
+    build_from_spec,
+    edit_kinds,
+    keep_spec,
+    record_edit,
+    register_edit,
+    spec_of,
+)
 
 __all__ = [
     "ModelSpec",
@@ -22,6 +29,7 @@ __all__ = [
     "create_model",
     "edit_kinds",
     "get_spec",
+    "keep_spec",
     "list_models",
     "record_edit",
     "register_edit",

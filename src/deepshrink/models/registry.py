@@ -151,11 +151,3 @@ def get_spec(model: nn.Module) -> ModelSpec | None:
 def set_spec(model: nn.Module, spec: ModelSpec) -> None:
     # object.__setattr__ keeps nn.Module from treating the dataclass as a submodule/param.
     object.__setattr__(model, SPEC_ATTR, spec)
-
-
-def record_edit(model: nn.Module, edit: dict[str, Any]) -> None:
-    """Append a structural edit to the model's spec (no-op for models built outside the
-    registry, which can still be saved as weights but not rebuilt)."""
-    spec = get_spec(model)
-    if spec is not None:
-        spec.edits.append(edit)

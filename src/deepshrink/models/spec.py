@@ -235,6 +235,25 @@ def check_stored(skeleton: nn.Module, stored: StoredTensors, where: str) -> None
                           f"{held} the file holds")
 
 
+def keep_spec(model: nn.Module) -> None:
+    """Attach the spec that rebuilds ``model`` as it is now (a ``from_pretrained`` transformers
+    model has none yet). An edit that changes the model's config (channel pruning) calls this
+    first, so the file rebuilds the original architecture and replays the edit on it."""
+    spec = spec_of(model)
+    if spec is not None:
+        set_spec(model, spec)
+
+
+def record_edit(model: nn.Module, edit: dict[str, Any]) -> None:
+    """Append a structural edit to the model's spec (see :func:`keep_spec`). Models built
+    outside the registry, and not transformers models, keep no spec: they can be saved as
+    weights, not rebuilt."""
+    keep_spec(model)
+    spec = get_spec(model)
+    if spec is not None:
+        spec.edits.append(edit)
+
+
 def spec_of(model: nn.Module) -> ModelSpec | None:
     """The spec that rebuilds ``model``: its own, or for a ``transformers`` model, class + config."""
     return get_spec(model) or hf_spec(model)

@@ -27,7 +27,7 @@ from torch import nn
 from deepshrink.config import Config, check, check_patterns, name_matches
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.modeling import as_inputs, call, eval_mode, input_batches
-from deepshrink.models import get_spec, record_edit, register_edit
+from deepshrink.models import get_spec, keep_spec, record_edit, register_edit
 from deepshrink.models.schema import Int, List, Map, Obj, Str
 from deepshrink.pruning.graph import ChannelGroup, Graph, top_level_tensors, trace_graph
 from deepshrink.pruning.importance import list_importance, needs_data, score_groups
@@ -451,6 +451,7 @@ def prune_channels(model: nn.Module, config: ChannelConfig, *, example_inputs: A
     if not isinstance(config, ChannelConfig):
         raise ConfigError(f"prune_channels needs a ChannelConfig, got {type(config).__name__}")
     inputs = as_inputs(example_inputs)
+    keep_spec(model)  # a from_pretrained model: record its original config before the cut
     p0 = sum(p.numel() for p in model.parameters())
     graph = trace_graph(model, inputs)
     groups = graph.groups
