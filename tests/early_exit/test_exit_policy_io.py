@@ -159,9 +159,12 @@ def test_hostile_file_gives_format_error(trained, tmp_path):
         meta = json.loads(f.metadata()["deepshrink"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     meta["spec"]["edits"][-1]["exits"][0]["point"] = "layers.9"
+    meta.pop("digest", None)  # crafted as an attacker would: a version-1 file without a digest
+    meta["version"] = 1
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata={"deepshrink": json.dumps(meta)})
-    with pytest.raises(FormatError, match=r"exits\[0\]\.point: the model has no module 'layers.9'"):
+    with pytest.warns(UserWarning, match="digest"), \
+            pytest.raises(FormatError, match=r"exits\[0\]\.point: the model has no module 'layers.9'"):
         ds.load(bad)
 
 

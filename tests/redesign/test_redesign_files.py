@@ -61,6 +61,9 @@ def test_tucker2_save_load(tmp_path):
     assert torch.equal(back.eval()(x), model.eval()(x))
 
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*tensor digest")
+
+
 def _rewrite_spec(path, tmp_path, fn):
     tensors = load_file(str(path))
     from safetensors import safe_open
@@ -68,6 +71,9 @@ def _rewrite_spec(path, tmp_path, fn):
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["deepshrink"])
     fn(meta["spec"]["edits"][-1])
+    # Crafted as an attacker would: no digest (a version-1 file), so the schema check is reached.
+    meta.pop("digest", None)
+    meta["version"] = 1
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata={"deepshrink": json.dumps(meta)})
     return bad
