@@ -40,7 +40,10 @@ def test_selection_ignores_test_labels(full_run, digits, digits_model, tmp_path)
     # The test split *was* read (once, for the returned models): the poisoned labels show there.
     acc = {s["trial"]: s["test_top1"] for s in res["selected"]}
     clean = {s["trial"]: s["test_top1"] for s in full_run["selected"]}
-    assert all(acc[t] < clean[t] - 0.3 for t in clean)
+    # Latency-front members depend on timing noise; the chosen model and the size front do not.
+    same = set(acc) & set(clean)
+    assert res["chosen"] in same
+    assert all(acc[t] < clean[t] - 0.3 for t in same)
 
 
 def test_resume_after_interrupt_gives_the_same_result(full_run, digits, digits_model, tmp_path):
