@@ -172,6 +172,19 @@ def layers_field(value: Any, where: str, layer: Callable[[Any, str], dict[str, A
     return out
 
 
+def layers_edit_schema(layer: Callable[[Any, str], dict[str, Any]]) -> Callable[[Any, str], dict[str, Any]]:
+    """The schema of an edit whose one field is ``layers`` (``{module path: record}``, each record
+    checked by ``layer``): what both redesign edits record."""
+
+    def edit_fields(value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise FormatError(f"{where}: must be an object, got {value!r:.60}")
+        exact_keys(value, where, ("layers",))
+        return {"layers": layers_field(value["layers"], f"{where}.layers", layer)}
+
+    return edit_fields
+
+
 def exact_keys(rec: dict[str, Any], where: str, keys: tuple[str, ...]) -> None:
     unknown = sorted(set(rec) - set(keys))
     missing = sorted(set(keys) - set(rec))
@@ -189,4 +202,12 @@ def module_at(model: nn.Module, name: str, want: type, where: str) -> nn.Module:
     if type(mod) is not want:
         raise FormatError(f"{where}: layer {name!r} is a {type(mod).__name__}, the edit needs "
                           f"{want.__name__}")
+    return mod
+
+
+def shaped_module_at(model: nn.Module, name: str, want: type, shape: list[int], where: str) -> nn.Module:
+    """:func:`module_at`, and its weight must have the recorded ``shape`` (FormatError otherwise)."""
+    mod = module_at(model, name, want, where)
+    if list(mod.weight.shape) != shape:
+        raise FormatError(f"{where}.shape: {shape} but the layer's weight is {list(mod.weight.shape)}")
     return mod

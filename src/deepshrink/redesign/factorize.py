@@ -267,12 +267,8 @@ def _layer_fields(rec: dict[str, Any], where: str) -> dict[str, Any]:
     return {"form": form, "rank": rank, "shape": shape}
 
 
-def edit_fields(value: Any, where: str) -> dict[str, Any]:
-    """Schema of a recorded ``lowrank`` edit (every field but ``kind``): plain JSON, checked."""
-    if not isinstance(value, dict):
-        raise FormatError(f"{where}: must be an object, got {value!r:.60}")
-    common.exact_keys(value, where, ("layers",))
-    return {"layers": common.layers_field(value["layers"], f"{where}.layers", _layer_fields)}
+#: Schema of a recorded ``lowrank`` edit (every field but ``kind``): plain JSON, checked.
+edit_fields = common.layers_edit_schema(_layer_fields)
 
 
 @register_edit(EDIT_KIND, schema=edit_fields)
@@ -282,10 +278,8 @@ def replay(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     fields = edit_fields({k: v for k, v in edit.items() if k != "kind"}, where)
     for name, rec in fields["layers"].items():
         at = f"{where}.layers[{name!r}]"
-        layer = common.module_at(model, name, nn.Linear if rec["form"] == "linear" else nn.Conv2d, at)
-        if list(layer.weight.shape) != rec["shape"]:
-            raise FormatError(f"{at}.shape: {rec['shape']} but the layer's weight is "
-                              f"{list(layer.weight.shape)}")
+        want = nn.Linear if rec["form"] == "linear" else nn.Conv2d
+        layer = common.shaped_module_at(model, name, want, rec["shape"], at)
         full = lowrank.full_rank(layer, rec["form"])
         for i, (r, f) in enumerate(zip(rec["rank"], full, strict=True)):
             if r > f:

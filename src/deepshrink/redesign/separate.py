@@ -229,12 +229,8 @@ def _layer_fields(rec: dict[str, Any], where: str) -> dict[str, Any]:
             "shape": common.int_list(rec["shape"], f"{where}.shape", (4,))}
 
 
-def edit_fields(value: Any, where: str) -> dict[str, Any]:
-    """Schema of a recorded ``separable`` edit (every field but ``kind``): plain JSON, checked."""
-    if not isinstance(value, dict):
-        raise FormatError(f"{where}: must be an object, got {value!r:.60}")
-    common.exact_keys(value, where, ("layers",))
-    return {"layers": common.layers_field(value["layers"], f"{where}.layers", _layer_fields)}
+#: Schema of a recorded ``separable`` edit (every field but ``kind``): plain JSON, checked.
+edit_fields = common.layers_edit_schema(_layer_fields)
 
 
 @register_edit(EDIT_KIND, schema=edit_fields)
@@ -244,10 +240,7 @@ def replay(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     fields = edit_fields({k: v for k, v in edit.items() if k != "kind"}, where)
     for name, rec in fields["layers"].items():
         at = f"{where}.layers[{name!r}]"
-        conv = common.module_at(model, name, nn.Conv2d, at)
-        if list(conv.weight.shape) != rec["shape"]:
-            raise FormatError(f"{at}.shape: {rec['shape']} but the layer's weight is "
-                              f"{list(conv.weight.shape)}")
+        conv = common.shaped_module_at(model, name, nn.Conv2d, rec["shape"], at)
         if dwsep.eligible(conv):
             raise FormatError(f"{at}: layer {name!r} cannot be separable ({dwsep.eligible(conv)})")
         set_submodule(model, name, dwsep.build(conv, rec["multiplier"], rec["between"]))
