@@ -12,6 +12,7 @@ nothing.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -162,6 +163,25 @@ def broadcast(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         dist.broadcast(wire, src)
         if wire is not t:
             t.copy_(wire)
+
+
+def broadcast_json(obj: Any, src: int = 0) -> Any:
+    """``obj`` (anything JSON can hold) as process ``src`` has it, on every process: for small
+    decisions and records one process makes for all (e.g. a search's state and trial results).
+    Sent as JSON text, never pickled; returned as parsed back from that text everywhere (so the
+    processes hold equal values). In a single process, ``obj`` itself."""
+    if not is_distributed():
+        return obj
+    dev = _comm_device()
+    payload = json.dumps(obj, default=str).encode() if rank() == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=dev)
+    dist.broadcast(size, src)
+    if rank() == src:
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(dev)
+    else:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, src)
+    return json.loads(buf.cpu().numpy().tobytes().decode())
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:

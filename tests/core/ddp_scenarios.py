@@ -136,12 +136,44 @@ def early_exit(out: Path) -> nn.Module:
     return multi
 
 
+def search_trials(out: Path) -> nn.Module:
+    """The target search (issue 14): its trials fine-tune data-parallel; rank 0 decides and
+    writes. Rank 1's budget clock runs 10,000x fast here, as a process on a slower or busier
+    node would see it: if ranks decided the budget on their own, rank 1 would stop after its
+    first trial and leave rank 0 waiting in the next fine-tune's all-reduce (the test's timeout).
+    Writes what this rank's search returned to ``search.rank<r>.json`` (test bookkeeping)."""
+    from deepshrink import checkpoint
+    from deepshrink.workflow import search as search_mod
+
+    data = load_digits()
+    m = _base()
+    train(m, data, TrainConfig(epochs=2, batch_size=64, progress=False))
+    model_file = out / "search-model.safetensors"
+    distributed.on_main(checkpoint.save, m, model_file)
+    real = search_mod.CLOCKS["wall"]
+    if distributed.rank() == 1:
+        search_mod.CLOCKS["wall"] = lambda: 1e4 * real()
+    try:
+        res = search_mod.search(m, data, search_mod.SearchConfig(
+            candidates=2, rungs=2, epochs_scale=0.34, max_drop=100.0, time_budget=3600.0),
+            out / "search", model_file=model_file, log=lambda s: None)
+    finally:
+        search_mod.CLOCKS["wall"] = real
+    r = res.results
+    summary = {"chosen": r["chosen"], "trials": {t["trial"]: t["val_top1"] for t in r["trials"]},
+               "bytes": {t["trial"]: t["bytes"] for t in r["trials"]}, "stopped": r["stopped"],
+               "elapsed": r["seconds"]}
+    (out / f"search.rank{distributed.rank()}.json").write_text(json.dumps(summary))
+    chosen = next(t for t in r["selected"] if t["role"] == "chosen")
+    return ds.load(out / "search" / chosen["file"])
+
+
 HAS_EARLY_EXIT = importlib.util.find_spec("deepshrink.early_exit") is not None
 
 SCENARIOS: dict[str, Callable[[Path], nn.Module]] = {
     "plain": plain, "masked": masked, "qat": qat, "distill_cached": distill_cached,
     "centroid": centroid, "resumed": resumed, "uninterrupted": uninterrupted,
-    "cli_train_prune": cli_train_prune,
+    "cli_train_prune": cli_train_prune, "search": search_trials,
     **({"early_exit": early_exit} if HAS_EARLY_EXIT else {}),
 }
 

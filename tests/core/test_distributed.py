@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,12 +64,16 @@ def launch(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("one")
+
+
+@pytest.fixture(scope="module")
+def single(single_dir):
     """The same scenarios in this one process (no process group)."""
     mod = _scenarios()
-    out = tmp_path_factory.mktemp("one")
     torch.set_num_threads(1)
-    return {name: {k: v.detach().clone() for k, v in fn(out).state_dict().items()}
+    return {name: {k: v.detach().clone() for k, v in fn(single_dir).state_dict().items()}
             for name, fn in mod.SCENARIOS.items()}
 
 
@@ -114,13 +119,35 @@ def test_resume_after_restart_equals_uninterrupted(launch, single):
 def test_only_rank0_writes_and_prints(launch):
     out, rank_logs = launch
     written = {r: json.loads((out / f"replaced.rank{r}.json").read_text()) for r in (0, 1)}
-    assert written[1] == []
+    # Relative paths are inside the output directory; rank 1 may only use its private scratch
+    # directories (the search's trials: artifacts it reloads to measure, as rank 0 does).
+    assert [p for p in written[1] if not Path(p).is_absolute()] == []
+    scratch = [Path(p).relative_to(tempfile.gettempdir()).parts[0] for p in written[1]]
+    assert all(d.startswith("deepshrink-") for d in scratch), scratch
+    assert {"search/search-state.json", "search/search.json"} <= set(written[0])
+    assert any(p.startswith("search/trials/r1-") and p.endswith(".dsz") for p in written[0])
     assert {"plain/model.safetensors", "plain/model.safetensors.resume.pt"} <= set(written[0])
     assert sorted(p.name for p in (out / "plain").iterdir()) == ["model.safetensors",
                                                                  "model.safetensors.resume.pt"]
     assert {"cli/trained.safetensors", "cli/pruned.safetensors"} <= set(written[0])
     assert "epoch 2 train_loss" in rank_logs[0]  # the plain scenario's per-epoch lines
     assert "train_loss" not in rank_logs[1]
+
+
+def test_search_ranks_agree_and_match_one_process(launch, single, single_dir):
+    """Rank 1 ran every trial although its own clock said the budget was spent: rank 0's
+    clock decides. Both ranks return rank 0's result; 2 processes pick what 1 process picks."""
+    out, _ = launch
+    r0, r1 = (json.loads((out / f"search.rank{r}.json").read_text()) for r in (0, 1))
+    one = json.loads((single_dir / "search.rank0.json").read_text())
+    assert r0 == r1
+    assert r0["stopped"] is None and len(r0["trials"]) == 3  # 2 candidates, then the best one again
+    assert r0["elapsed"] < 3600  # rank 0's clock (rank 1's read ~10,000x more)
+    assert r0["trials"].keys() == one["trials"].keys() and r0["chosen"] == one["chosen"]
+    for name, top1 in one["trials"].items():  # same weights up to float rounding (see above)
+        assert abs(r0["trials"][name] - top1) <= 0.02, name
+    r0w = _weights(out, "search", 0)
+    assert all(torch.equal(r0w[k], v) for k, v in _weights(out, "search", 1).items())
 
 
 def test_cli_prints_on_rank0_only(launch):

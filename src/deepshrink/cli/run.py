@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import typer
 
+from deepshrink import distributed
 from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, out
 from deepshrink.errors import ConfigError, FormatError
 
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
         rec = load_recipe(recipe)  # validated before anything is loaded or trained
         res = run_recipe(rec, _model(model), load_dataset(data, data_dir), output, model_file=model,
                          progress=not as_json, command=_command())
-        write_report(res.results, output / "report.html")
+        distributed.on_main(write_report, res.results, output / "report.html")
         if as_json:
             emit_json(res.results)
             return
@@ -66,7 +67,8 @@ def register(app: typer.Typer) -> None:
                 | {"speedup_b1": (r.get("latency") or {}).get("1", {}).get("speedup")}
                 for r in res.results["stages"]]
         ResultTable(f"recipe {rec.name}", rows).print(out)
-        err.print(f"results in {res.path}, report in {output / 'report.html'}")
+        if distributed.is_main():  # err stays on for every rank (for errors); this is a result
+            err.print(f"results in {res.path}, report in {output / 'report.html'}")
 
     @app.command("shrink")
     @friendly_errors
@@ -84,6 +86,8 @@ def register(app: typer.Typer) -> None:
         rungs: int | None = typer.Option(None, help="Successive-halving rungs."),
         epochs_scale: float | None = typer.Option(None, help="Multiply every fine-tune's epochs."),
         seed: int = typer.Option(0),
+        device: str = typer.Option("cpu", "--device", help="Trials' fine-tunes: cpu, cuda, cuda:N or auto "
+                                   "(under torchrun: this process's GPU)."),
         threads: int = THREADS,
         as_json: bool = JSON_OPTION,
     ) -> None:
@@ -95,13 +99,13 @@ def register(app: typer.Typer) -> None:
 
         torch.set_num_threads(threads)
         cfg = SearchConfig(objective=objective, max_drop=max_drop, target=target,
-                           time_budget=time_budget, seed=seed).override(
+                           time_budget=time_budget, seed=seed, device=device).override(
             candidates=candidates, rungs=rungs, epochs_scale=epochs_scale)
         res = search(_model(model), load_dataset(data, data_dir), cfg, output, model_file=model,
                      command=_command())
         if "selected" not in res.results:  # cannot happen without max_trials; kept for clarity
             raise ConfigError("the search stopped before selecting a model")
-        write_report(res.results, output / "report.html")
+        distributed.on_main(write_report, res.results, output / "report.html")
         if as_json:
             emit_json(res.results)
             return
@@ -109,7 +113,8 @@ def register(app: typer.Typer) -> None:
                 "test_drop_pt")
         ResultTable("chosen and Pareto-front models (selected on validation; test read once)",
                     [{c: s.get(c) for c in cols} for s in res.results["selected"]]).print(out)
-        err.print(f"results in {res.path}, report in {output / 'report.html'}")
+        if distributed.is_main():  # err stays on for every rank (for errors); this is a result
+            err.print(f"results in {res.path}, report in {output / 'report.html'}")
 
     @app.command("report")
     @friendly_errors

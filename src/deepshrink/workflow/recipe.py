@@ -21,24 +21,25 @@ one interleaved run. :func:`run_recipe` writes the artifacts and ``results.json`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deepshrink import checkpoint
+from deepshrink import checkpoint, distributed
 from deepshrink.config import Config
 from deepshrink.data import DataBundle
 from deepshrink.errors import ConfigError
-from deepshrink.fileio import atomic_write_text
+from deepshrink.fileio import atomic_write_text, scratch_dir
 from deepshrink.measure import count_macs, count_params, file_bytes, layer_stats
 from deepshrink.train import TrainConfig, evaluate
 from deepshrink.workflow.latency import interleaved_latency, latency_summary
@@ -276,38 +277,62 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: DataBundle, out_dir: str 
     """Run every stage on a copy of ``model``; write artifacts and ``results.json`` into
     ``out_dir`` (render it with :func:`deepshrink.report.write_report`). ``test=False`` skips the
     test split (used by the search, which
-    selects on validation and reads test only for the models it returns)."""
+    selects on validation and reads test only for the models it returns).
+
+    Under torchrun every process runs every stage (the fine-tunes are data-parallel) but only
+    rank 0 writes into ``out_dir`` and times the models; the others write their artifacts into
+    a private scratch directory (to load them back and measure them like rank 0), removed after.
+    """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    original = copy.deepcopy(model).eval()
-    base, base_file = _original_row(original, data, out, Path(model_file) if model_file else None, test)
-    rows: list[dict[str, Any]] = [{"index": 0, "stage": "original", "label": "original", **base}]
-    _ratios(rows[0], base)
-    runners: dict[str, Callable[[torch.Tensor], Any]] = {"original": original}
-    current = copy.deepcopy(model)
-    for i, spec in enumerate(recipe.stages, start=1):
-        s0 = time.perf_counter()
-        ctx = StageContext(current, original, data, out, i, progress)
-        res = _run_stage(ctx, spec)
-        row, runners[f"{i}:{spec.label}"] = measure_artifact(res, data, original, test=test)
-        row.update(index=i, stage=spec.stage, label=spec.label, spec=spec.to_dict(), info=res.info,
-                   seconds=time.perf_counter() - s0)
-        _ratios(row, base)
-        rows.append(row)
-        current = res.model
-        log(f"[{i}/{len(recipe.stages)}] {spec.label}: {row['bytes']:,} B ({row['size_ratio']:.1f}x), "
-            f"val {100 * row['val_top1']:.2f}%" + (f", test {100 * row['test_top1']:.2f}%" if test else "")
-            + f" ({row['seconds']:.0f} s)")
-    lat = _latency(runners, data, recipe.latency_batches, rows) if latency else {}
-    results = {"kind": "run", "recipe": recipe.to_dict(), "model_file": str(base_file), "data": data.name,
-               "command": command or " ".join(sys.argv), "machine": machine_info(),
-               "stages": rows, "latency": lat, "seconds": time.perf_counter() - t0}
-    path = out / "results.json"
-    atomic_write_text(path, json.dumps(results, indent=2, default=str))
+    # Under torchrun, join the process group now (the fine-tunes' device decides the backend).
+    distributed.setup(next((s.finetune.device for s in recipe.stages if s.finetune), "cpu"))
+    with _workdir(Path(out_dir)) as out:
+        t0 = time.perf_counter()
+        torch.manual_seed(recipe.seed)
+        original = copy.deepcopy(model).eval()
+        base, base_file = _original_row(original, data, out, Path(model_file) if model_file else None, test)
+        rows: list[dict[str, Any]] = [{"index": 0, "stage": "original", "label": "original", **base}]
+        _ratios(rows[0], base)
+        runners: dict[str, Callable[[torch.Tensor], Any]] = {"original": original}
+        current = copy.deepcopy(model)
+        for i, spec in enumerate(recipe.stages, start=1):
+            res, row = _measured_stage(StageContext(current, original, data, out, i, progress), spec, test)
+            runners[f"{i}:{spec.label}"] = res.runner  # type: ignore[assignment]
+            _ratios(row, base)
+            rows.append(row)
+            current = res.model
+            tested = f", test {100 * row['test_top1']:.2f}%" if test else ""
+            log(f"[{i}/{len(recipe.stages)}] {spec.label}: {row['bytes']:,} B ({row['size_ratio']:.1f}x), "
+                f"val {100 * row['val_top1']:.2f}%{tested} ({row['seconds']:.0f} s)")
+        timed = latency and distributed.is_main()
+        lat = _latency(runners, data, recipe.latency_batches, rows) if timed else {}
+        results = {"kind": "run", "recipe": recipe.to_dict(), "model_file": str(base_file), "data": data.name,
+                   "command": command or " ".join(sys.argv), "machine": machine_info(),
+                   "stages": rows, "latency": lat, "seconds": time.perf_counter() - t0}
+        path = Path(out_dir) / "results.json"
+        distributed.on_main(atomic_write_text, path, json.dumps(results, indent=2, default=str))
     return RunResult(results, current, path)
+
+
+@contextlib.contextmanager
+def _workdir(out_dir: Path) -> Iterator[Path]:
+    """Where this process writes: ``out_dir`` on the main process, a scratch directory elsewhere."""
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        yield out_dir
+    else:
+        with scratch_dir() as tmp:
+            yield tmp
+
+
+def _measured_stage(ctx: StageContext, spec: StageSpec, test: bool) -> tuple[StageOutput, dict[str, Any]]:
+    """Run one stage and measure its artifact; the output's ``runner`` is what gets timed."""
+    s0 = time.perf_counter()
+    res = _run_stage(ctx, spec)
+    row, runner = measure_artifact(res, data=ctx.data, original=ctx.original, test=test)
+    row.update(index=ctx.index, stage=spec.stage, label=spec.label, spec=spec.to_dict(), info=res.info,
+               seconds=time.perf_counter() - s0)
+    return dataclasses.replace(res, runner=runner), row
 
 
 def _run_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:

@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from deepshrink import checkpoint
+from deepshrink import checkpoint, distributed
 from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.errors import ConfigError
@@ -73,6 +73,7 @@ class SearchConfig(Config):
     lr: float = 1e-3
     kd_temperature: float = 4.0
     seed: int = 0
+    device: str = "cpu"  # the trials' fine-tunes: cpu | cuda (this process's GPU) | cuda:N | auto
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -86,6 +87,8 @@ class SearchConfig(Config):
         check(self.budget_clock in ("wall", "cpu"), n, "budget_clock",
               f"must be wall or cpu, got {self.budget_clock!r}")
         check(self.time_budget is None or self.time_budget > 0, n, "time_budget", "must be > 0")
+        check(re.fullmatch(r"cpu|cuda(:\d+)?|auto", self.device) is not None, n, "device",
+              f"must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.target is not None:
             parse_target(self.target, self.objective)
 
@@ -199,7 +202,7 @@ def build_recipe(knobs: dict[str, Any], rung: int, cfg: SearchConfig, sens: dict
     """The recipe (a plain mapping, as in a recipe file) for one candidate at one rung."""
     rounds, ep, ep2 = RUNG_BUDGET[rung]
     ft = {"epochs": _epochs(ep, cfg.epochs_scale), "lr": cfg.lr, "batch_size": 128, "keep_best": True,
-          "augment": "none"}
+          "augment": "none", "device": cfg.device}
     teacher = {"alpha": knobs["kd"], "temperature": cfg.kd_temperature} if knobs.get("kd") else None
     stages: list[dict[str, Any]] = []
 
@@ -228,7 +231,12 @@ def build_recipe(knobs: dict[str, Any], rung: int, cfg: SearchConfig, sens: dict
     return {"name": f"r{rung}-{knob_key(knobs)}", "seed": cfg.seed, "stages": stages}
 
 
-# --- state ------------------------------------------------------------------------------------
+# --- state and clock ----------------------------------------------------------------------------
+#
+# Under torchrun every process runs the search (each trial's fine-tunes are collective), but one
+# process decides: rank 0 reads the state, measures, keeps the budget clock and writes every
+# file; the others receive its state, records and decisions (distributed.broadcast_json), so all
+# take the same branch at every step and none waits forever in a collective the others skipped.
 
 @dataclasses.dataclass
 class SearchState:
@@ -237,26 +245,52 @@ class SearchState:
 
     @classmethod
     def open(cls, out_dir: Path, cfg: SearchConfig, model_file: str) -> SearchState:
+        """Rank 0 reads (and checks) the state on disk; every process gets its copy."""
         path = out_dir / "search-state.json"
-        fresh = {"config": cfg.to_dict(), "model_file": model_file, "elapsed": 0.0, "trials": {},
-                 "sensitivity": None}
-        if not path.exists():
-            return cls(path, fresh)
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: unreadable search state: {exc}",
-                              hint="delete it or choose another --out to start over") from None
-        keep = ("time_budget",)  # a resumed search may be given more time
-        old = {k: v for k, v in (data.get("config") or {}).items() if k not in keep}
-        new = {k: v for k, v in cfg.to_dict().items() if k not in keep}
-        if old != new or data.get("model_file") != model_file:
-            raise ConfigError(f"{path}: this directory holds a search with another config or model",
-                              hint="use a new --out directory, or the same options to resume")
-        return cls(path, data)
+        got = distributed.broadcast_json(_read_state(path, cfg, model_file) if distributed.is_main()
+                                         else None)
+        if "error" in got:  # raised by every process, not only the one that read the file
+            raise ConfigError(got["error"], hint=got["hint"])
+        return cls(path, got["data"])
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
+        distributed.on_main(atomic_write_text, self.path, json.dumps(self.data, indent=2, default=str))
+
+
+def _read_state(path: Path, cfg: SearchConfig, model_file: str) -> dict[str, Any]:
+    """``{"data": state}`` (fresh when there is no file), or ``{"error", "hint"}``."""
+    if not path.exists():
+        return {"data": {"config": cfg.to_dict(), "model_file": model_file, "elapsed": 0.0,
+                         "trials": {}, "sensitivity": None}}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return {"error": f"{path}: unreadable search state: {exc}",
+                "hint": "delete it or choose another --out to start over"}
+    keep = ("time_budget",)  # a resumed search may be given more time
+    old = {k: v for k, v in (data.get("config") or {}).items() if k not in keep}
+    new = {k: v for k, v in cfg.to_dict().items() if k not in keep}
+    if old != new or data.get("model_file") != model_file:
+        return {"error": f"{path}: this directory holds a search with another config or model",
+                "hint": "use a new --out directory, or the same options to resume"}
+    return {"data": data}
+
+
+# The budget clocks, looked up at each reading (tests replace one to simulate a slow process).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class BudgetClock:
+    """Seconds spent on the search over all its sessions, as rank 0 measures them: every
+    process reads the same number, so every process takes the same budget decisions."""
+
+    def __init__(self, kind: str, spent_before: float) -> None:
+        self.kind, self.before, self.start = kind, spent_before, CLOCKS[kind]()
+
+    def elapsed(self) -> float:
+        mine = self.before + CLOCKS[self.kind]() - self.start
+        # A collective: every process calls it at the same points of the (identical) control flow.
+        return distributed.all_reduce_floats([mine if distributed.is_main() else 0.0])[0]
 
 
 # --- the search -------------------------------------------------------------------------------
@@ -265,6 +299,22 @@ class SearchState:
 class SearchResult:
     results: dict[str, Any]
     path: Path
+
+
+@dataclasses.dataclass
+class _Session:
+    """One run of :func:`search` (a fresh start or a resume): what every step needs."""
+
+    model: nn.Module
+    data: DataBundle
+    cfg: SearchConfig
+    state: SearchState
+    clock: BudgetClock
+    out: Path
+    model_file: str
+    log: Callable[[str], None]
+    max_trials: int | None = None
+    new: int = 0  # trials run (not replayed from the state) in this session
 
 
 def _score(t: dict[str, Any], cfg: SearchConfig, slack: float) -> tuple[int, float]:
@@ -277,35 +327,41 @@ def _score(t: dict[str, Any], cfg: SearchConfig, slack: float) -> tuple[int, flo
     return (0, obj)
 
 
-def _trial(knobs: dict[str, Any], rung: int, cfg: SearchConfig, state: SearchState, model: nn.Module,
-           data: DataBundle, out_dir: Path, model_file: str, log: Callable[[str], None]) -> dict[str, Any]:
-    raw = build_recipe(knobs, rung, cfg, state.data["sensitivity"])
+def _trial(s: _Session, knobs: dict[str, Any], rung: int) -> dict[str, Any]:
+    """Run one candidate at one rung (every process: its fine-tunes are data-parallel); rank 0
+    measures the artifact it wrote and every process returns rank 0's record."""
+    raw = build_recipe(knobs, rung, s.cfg, s.state.data["sensitivity"])
     tid = raw["name"]
-    done = state.data["trials"].get(tid)
+    done = s.state.data["trials"].get(tid)
     if done is not None:
-        log(f"  {tid}: resumed from state")
+        s.log(f"  {tid}: resumed from state")
         return done
     t0 = time.perf_counter()
-    recipe = parse_recipe(raw, tid)
-    res = run_recipe(recipe, model, data, out_dir / "trials" / tid, model_file=model_file, test=False,
-                     latency=False, progress=False, log=lambda s: None)
-    final = res.results["stages"][-1]
-    runner = checkpoint.load(out_dir / "trials" / tid / final["file"]) if not final["file"].endswith(
-        ".onnx") else _ort(out_dir / "trials" / tid / final["file"])
-    x = data.test.tensors[0][:1]
-    samples = interleaved_latency({"original": model, "trial": runner}, x, rounds=20)
-    summ = latency_summary(samples, "original")
-    rec = {"trial": tid, "rung": rung, "knobs": knob_key(knobs), "knob_values": knobs, "status": "done",
-           "recipe": raw, "file": str(Path("trials") / tid / final["file"]),
-           **{k: final[k] for k in ("bytes", "params", "nonzero", "macs", "val_top1", "size_ratio",
-                                    "macs_ratio", "val_drop_pt")},
-           "speedup": summ["trial"]["speedup"], "layers": final["layers"],
-           "stages": [{k: s.get(k) for k in ("label", "bytes", "size_ratio", "val_top1", "val_drop_pt",
-                                             "seconds")} for s in res.results["stages"]],
-           "seconds": time.perf_counter() - t0}
-    log(f"  {tid}: {rec['bytes']:,} B ({rec['size_ratio']:.1f}x), {rec['speedup']:.2f}x faster, "
-        f"val {100 * rec['val_top1']:.2f}% ({rec['val_drop_pt']:+.2f} pt) in {rec['seconds']:.0f} s")
+    res = run_recipe(parse_recipe(raw, tid), s.model, s.data, s.out / "trials" / tid, model_file=s.model_file,
+                     test=False, latency=False, progress=False, log=lambda _: None)
+    rec = _record(s, knobs, rung, raw, res.results["stages"], t0) if distributed.is_main() else None
+    rec = distributed.broadcast_json(rec)
+    s.log(f"  {tid}: {rec['bytes']:,} B ({rec['size_ratio']:.1f}x), {rec['speedup']:.2f}x faster, "
+          f"val {100 * rec['val_top1']:.2f}% ({rec['val_drop_pt']:+.2f} pt) in {rec['seconds']:.0f} s")
     return rec
+
+
+def _record(s: _Session, knobs: dict[str, Any], rung: int, raw: dict[str, Any],
+            stages: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+    """A finished trial's record: the last stage's measured row and its b1 latency vs the original."""
+    tid, final = raw["name"], stages[-1]
+    runner = _load(s.out / "trials" / tid / final["file"])
+    samples = interleaved_latency({"original": s.model, "trial": runner}, s.data.test.tensors[0][:1],
+                                  rounds=20)
+    summ = latency_summary(samples, "original")
+    return {"trial": tid, "rung": rung, "knobs": knob_key(knobs), "knob_values": knobs, "status": "done",
+            "recipe": raw, "file": str(Path("trials") / tid / final["file"]),
+            **{k: final[k] for k in ("bytes", "params", "nonzero", "macs", "val_top1", "size_ratio",
+                                     "macs_ratio", "val_drop_pt")},
+            "speedup": summ["trial"]["speedup"], "layers": final["layers"],
+            "stages": [{k: st.get(k) for k in ("label", "bytes", "size_ratio", "val_top1", "val_drop_pt",
+                                               "seconds")} for st in stages],
+            "seconds": time.perf_counter() - t0}
 
 
 def _estimate(state: SearchState, rung: int) -> float:
@@ -337,68 +393,73 @@ def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: st
            model_file: str | Path, command: str | None = None, max_trials: int | None = None,
            log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) the search; write ``search.json`` into ``out_dir`` (render it with
-    :func:`deepshrink.report.write_report`).
+    :func:`deepshrink.report.write_report`). Under torchrun, run it on every process: trials
+    train data-parallel, rank 0 writes the files and every process returns the same result.
 
     ``max_trials`` stops after that many *new* trials (as an interrupt would), leaving the state
     to resume from.
     """
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    distributed.setup(config.device)  # under torchrun: join the group before the first collective
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval()
     state = SearchState.open(out, config, str(model_file))
-    clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
-    session0, elapsed0 = clock(), state.data["elapsed"]
-
-    def elapsed() -> float:
-        return elapsed0 + clock() - session0
-
+    s = _Session(model, data, config, state, BudgetClock(config.budget_clock, state.data["elapsed"]),
+                 out, str(model_file), lambda m: say(m) if distributed.is_main() else None, max_trials)
     if state.data["sensitivity"] is None:
-        log("sensitivity scan (validation split) ...")
-        state.data["sensitivity"] = sensitivity(model, data)
-        state.data["elapsed"] = elapsed()
+        s.log("sensitivity scan (validation split) ...")
+        sens = sensitivity(model, data) if distributed.is_main() else None
+        state.data["sensitivity"] = distributed.broadcast_json(sens)
+        state.data["elapsed"] = s.clock.elapsed()
         state.save()
-    new, stopped = 0, None
-    pool = draw_candidates(config)
-    for rung in range(config.rungs):
-        log(f"rung {rung}: {len(pool)} candidate(s), budget {RUNG_BUDGET[rung]}")
-        rung_trials = []
-        for i, knobs in enumerate(pool):
-            # A trial already in the state costs nothing now: resuming replays it, budget or not.
-            known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung
-                        for t in state.data["trials"].values())
-            budget_left = config.time_budget is None or (
-                elapsed() + _estimate(state, rung) <= config.time_budget)
-            if not known and not budget_left:
-                stopped = f"time budget of {config.time_budget:.0f} s spent (next trial would not fit)"
-                break
-            if not known and max_trials is not None and new >= max_trials:
-                stopped = f"stopped after {max_trials} new trial(s)"
-                break
-            log(f"[trial {i + 1}/{len(pool)}, rung {rung}, {elapsed():.0f} s]")
-            c0 = elapsed()
-            rec = _trial(knobs, rung, config, state, model, data, out, str(model_file), log)
-            rec.setdefault("clock_seconds", elapsed() - c0)
-            new += 0 if known else 1
-            state.data["trials"][rec["trial"]] = rec
-            state.data["elapsed"] = elapsed()
-            state.save()
-            rung_trials.append(rec)
-        if stopped or rung + 1 == config.rungs:
-            break
-        # Early rungs fine-tune less, so accuracy recovers later: be lenient there, or only the
-        # lightly compressed candidates survive (the low-fidelity bias of successive halving).
-        slack = (config.rungs - 1 - rung) * max(1.25, 2 * config.max_drop)
-        ranked = sorted(rung_trials, key=lambda t: _score(t, config, slack))
-        # ceil: with few candidates, floor division would leave one survivor per rung; the time
-        # budget, not the rounding, should decide how many get the long fine-tune.
-        pool = [t["knob_values"] for t in ranked[: max(1, math.ceil(len(ranked) / config.eta))]]
+    stopped = _halving(s)
     if stopped:
-        log(f"search {stopped}")
+        s.log(f"search {stopped}")
         if max_trials is not None and "new trial" in stopped:
             return SearchResult({"stopped": stopped, "trials": list(state.data["trials"].values())},
                                 state.path)
-    return _finish(model, data, config, state, out, model_file, command, stopped, elapsed(), log)
+    return _finish(s, command, stopped)
+
+
+def _halving(s: _Session) -> str | None:
+    """Successive halving over the candidates; why it stopped early, or None."""
+    pool = draw_candidates(s.cfg)
+    for rung in range(s.cfg.rungs):
+        s.log(f"rung {rung}: {len(pool)} candidate(s), budget {RUNG_BUDGET[rung]}")
+        rung_trials, stopped = _rung(s, pool, rung)
+        if stopped or rung + 1 == s.cfg.rungs:
+            return stopped
+        # Early rungs fine-tune less, so accuracy recovers later: be lenient there, or only the
+        # lightly compressed candidates survive (the low-fidelity bias of successive halving).
+        slack = (s.cfg.rungs - 1 - rung) * max(1.25, 2 * s.cfg.max_drop)
+        ranked = sorted(rung_trials, key=lambda t: _score(t, s.cfg, slack))
+        # ceil: with few candidates, floor division would leave one survivor per rung; the time
+        # budget, not the rounding, should decide how many get the long fine-tune.
+        pool = [t["knob_values"] for t in ranked[: max(1, math.ceil(len(ranked) / s.cfg.eta))]]
+    return None
+
+
+def _rung(s: _Session, pool: list[dict[str, Any]], rung: int) -> tuple[list[dict[str, Any]], str | None]:
+    """Every candidate of ``pool`` at ``rung`` while the budget lasts; (records, why stopped)."""
+    cfg, trials = s.cfg, s.state.data["trials"]
+    records: list[dict[str, Any]] = []
+    for i, knobs in enumerate(pool):
+        # A trial already in the state costs nothing now: resuming replays it, budget or not.
+        known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung for t in trials.values())
+        c0 = s.clock.elapsed()
+        if not known and cfg.time_budget is not None and c0 + _estimate(s.state, rung) > cfg.time_budget:
+            return records, f"time budget of {cfg.time_budget:.0f} s spent (next trial would not fit)"
+        if not known and s.max_trials is not None and s.new >= s.max_trials:
+            return records, f"stopped after {s.max_trials} new trial(s)"
+        s.log(f"[trial {i + 1}/{len(pool)}, rung {rung}, {c0:.0f} s]")
+        rec = _trial(s, knobs, rung)
+        rec.setdefault("clock_seconds", s.clock.elapsed() - c0)
+        s.new += 0 if known else 1
+        trials[rec["trial"]] = rec
+        s.state.data["elapsed"] = s.clock.elapsed()
+        s.state.save()
+        records.append(rec)
+    return records, None
 
 
 def choose(trials: list[dict[str, Any]], cfg: SearchConfig) -> dict[str, Any] | None:
@@ -415,12 +476,29 @@ def choose(trials: list[dict[str, Any]], cfg: SearchConfig) -> dict[str, Any] | 
     return min(ok, key=lambda t: (_score(t, cfg, 0.0), t["trial"]))
 
 
-def _finish(model: nn.Module, data: DataBundle, cfg: SearchConfig, state: SearchState, out: Path,
-            model_file: str | Path, command: str | None, stopped: str | None, seconds: float,
-            log: Callable[[str], None]) -> SearchResult:
-    trials = sorted(state.data["trials"].values(), key=lambda t: (t["rung"], t["trial"]))
+def _finish(s: _Session, command: str | None, stopped: str | None) -> SearchResult:
+    """Select (validation only), then read test once for the returned models; rank 0 measures
+    and writes ``search.json``, every process returns its results."""
+    seconds = s.clock.elapsed()
+    results = _select_and_measure(s, command, stopped, seconds) if distributed.is_main() else None
+    results = distributed.broadcast_json(results)
+    path = s.out / "search.json"
+    distributed.on_main(atomic_write_text, path, json.dumps(results, indent=2, default=str))
+    chosen = next((t for t in results["selected"] if t["role"] == "chosen"), None)
+    if chosen is None:
+        s.log(f"no trial stayed within {s.cfg.max_drop} pt on validation")
+    else:
+        s.log(f"chosen {chosen['trial']}: {chosen['bytes']:,} B ({chosen['size_ratio']:.1f}x), "
+              f"val {100 * chosen['val_top1']:.2f}%, "
+              f"test {100 * chosen['test_top1']:.2f}% ({chosen['test_drop_pt']:+.2f} pt)")
+    return SearchResult(results, path)
+
+
+def _select_and_measure(s: _Session, command: str | None, stopped: str | None,
+                        seconds: float) -> dict[str, Any]:
+    cfg = s.cfg
+    trials = sorted(s.state.data["trials"].values(), key=lambda t: (t["rung"], t["trial"]))
     chosen = choose(trials, cfg)
-    orig = _original(model, data, model_file)
     fronts = {"size": pareto_front(trials, "bytes", "val_top1"),
               "latency": pareto_front(trials, "speedup", "val_top1", minimize_x=False)}
     picked: dict[str, dict[str, Any]] = {}
@@ -431,35 +509,24 @@ def _finish(model: nn.Module, data: DataBundle, cfg: SearchConfig, state: Search
             picked.setdefault(t["trial"], {**t, "role": f"{name} front"})
     selected = list(picked.values())
     # Selection is over. Now, and only now, the test split: once per returned model.
-    runners = {"original": model}
-    for s in selected:
-        runner = _load(out / s["file"])
-        s["test_top1"] = evaluate(runner, data.loader("test", 1000))["top1"]
-        s["test_drop_pt"] = 100 * (orig["test_top1"] - s["test_top1"])
-        runners[s["trial"]] = runner
-    x = data.test.tensors[0][:1]
-    samples = interleaved_latency(runners, x)
+    orig = _original(s.model, s.data, s.model_file)
+    runners = {"original": s.model}
+    for t in selected:
+        runners[t["trial"]] = runner = _load(s.out / t["file"])
+        t["test_top1"] = evaluate(runner, s.data.loader("test", 1000))["top1"]
+        t["test_drop_pt"] = 100 * (orig["test_top1"] - t["test_top1"])
+    samples = interleaved_latency(runners, s.data.test.tensors[0][:1])
     summ = latency_summary(samples, "original")
-    for s in selected:
-        s["speedup_final"] = summ[s["trial"]]["speedup"]
-    results = {"kind": "search", "objective": cfg.objective, "max_drop": cfg.max_drop, "target": cfg.target,
-               "config": cfg.to_dict(), "model_file": str(model_file), "data": data.name,
-               "command": command or " ".join(sys.argv), "machine": machine_info(), "original": orig,
-               "sensitivity": state.data["sensitivity"], "trials": trials,
-               "chosen": chosen["trial"] if chosen else None, "selected": selected,
-               "fronts": {k: [t["trial"] for t in v] for k, v in fronts.items()},
-               "latency": {"1": {"samples_ms": samples, "summary": summ}},
-               "stopped": stopped, "seconds": seconds}
-    path = out / "search.json"
-    atomic_write_text(path, json.dumps(results, indent=2, default=str))
-    if chosen is None:
-        log(f"no trial stayed within {cfg.max_drop} pt on validation")
-    else:
-        c = picked[chosen["trial"]]
-        log(f"chosen {c['trial']}: {c['bytes']:,} B ({c['size_ratio']:.1f}x), "
-            f"val {100 * c['val_top1']:.2f}%, "
-            f"test {100 * c['test_top1']:.2f}% ({c['test_drop_pt']:+.2f} pt)")
-    return SearchResult(results, path)
+    for t in selected:
+        t["speedup_final"] = summ[t["trial"]]["speedup"]
+    return {"kind": "search", "objective": cfg.objective, "max_drop": cfg.max_drop, "target": cfg.target,
+            "config": cfg.to_dict(), "model_file": s.model_file, "data": s.data.name,
+            "command": command or " ".join(sys.argv), "machine": machine_info(), "original": orig,
+            "sensitivity": s.state.data["sensitivity"], "trials": trials,
+            "chosen": chosen["trial"] if chosen else None, "selected": selected,
+            "fronts": {k: [t["trial"] for t in v] for k, v in fronts.items()},
+            "latency": {"1": {"samples_ms": samples, "summary": summ}},
+            "stopped": stopped, "seconds": seconds, "world_size": distributed.world_size()}
 
 
 def _load(path: Path) -> Any:
@@ -476,5 +543,5 @@ def _original(model: nn.Module, data: DataBundle, model_file: str | Path) -> dic
             "test_top1": evaluate(model, data.loader("test", 1000))["top1"]}
 
 
-__all__ = ["SearchConfig", "SearchResult", "allocate", "build_recipe", "choose", "draw_candidates",
-           "parse_target", "search"]
+__all__ = ["CLOCKS", "BudgetClock", "SearchConfig", "SearchResult", "allocate", "build_recipe", "choose",
+           "draw_candidates", "parse_target", "search"]

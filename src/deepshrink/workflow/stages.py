@@ -6,15 +6,12 @@ writes its artifact file and returns a :class:`StageOutput`. Stages never measur
 runner measures every artifact the same way, from the file loaded back.
 
 Families register nothing here; this module sits above them and imports only their public names.
-Stages whose family is not in this build (``factorize``, ``separable``, ``early_exit`` until
-``deepshrink.redesign`` / ``deepshrink.early_exit`` exist) raise a ConfigError naming the stage.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,14 @@ from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.distill import KDConfig
 from deepshrink.dsz import PackConfig, load_dsz, pack
+from deepshrink.early_exit import (
+    CalibrationConfig,
+    ExitConfig,
+    ExitTrainConfig,
+    add_exits,
+    calibrate,
+    train_exits,
+)
 from deepshrink.errors import ConfigError
 from deepshrink.pruning import (
     ChannelConfig,
@@ -37,6 +42,7 @@ from deepshrink.pruning import (
     save_sparse,
 )
 from deepshrink.quantization import PTQConfig, QATConfig, convert, prepare_qat, quantize
+from deepshrink.redesign import LowRankConfig, SeparableConfig, factorize_report, separate_report
 from deepshrink.sharing import CentroidFineTune, KMeansConfig, round_codebooks, share
 from deepshrink.train import Callback, TrainConfig, TrainState, logits_of, train
 
@@ -77,6 +83,24 @@ class StudentConfig(Config):
     model: str = "mlp"
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
+
+
+@dataclasses.dataclass
+class EarlyExitConfig(Config):
+    """The ``early_exit`` stage: attach heads (``exits``), train them with the stage's
+    ``finetune`` settings (``mode``: ``heads`` keeps the backbone and distils each head from the
+    final one with ``alpha`` / ``temperature``; ``joint`` trains everything), then choose the
+    exit thresholds on the validation split within ``calibration.budget`` points."""
+
+    exits: ExitConfig = dataclasses.field(default_factory=ExitConfig)
+    mode: str = "heads"
+    alpha: float = 0.5
+    temperature: float = 4.0
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+
+    def validate(self) -> None:
+        # The family's own config checks mode / alpha / temperature (errors name its fields).
+        ExitTrainConfig(mode=self.mode, alpha=self.alpha, temperature=self.temperature)
 
 
 @dataclasses.dataclass
@@ -155,12 +179,6 @@ class StageKind:
 
 
 STAGES: dict[str, StageKind] = {}
-# Stages whose family lives in a package not yet in this build: stage name -> (module, config).
-PENDING: dict[str, tuple[str, str]] = {
-    "factorize": ("deepshrink.redesign", "FactorizeConfig"),
-    "separable": ("deepshrink.redesign", "SeparableConfig"),
-    "early_exit": ("deepshrink.early_exit", "EarlyExitConfig"),
-}
 
 
 def register_stage(name: str, configs: tuple[type[Config], ...], extras: tuple[str, ...] = (),
@@ -176,15 +194,6 @@ def stage_kind(name: str, where: str) -> StageKind:
     """The registered stage ``name``; a clear ConfigError for unknown or unavailable ones."""
     if name in STAGES:
         return STAGES[name]
-    if name in PENDING:
-        module, cfg = PENDING[name]
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise ConfigError(f"{where}: stage {name!r} needs {module}, which is not in this build",
-                              hint=f"available stages: {sorted(STAGES)}") from None
-        raise ConfigError(f"{where}: stage {name!r}: {module} is present but has no recipe adapter "
-                          f"for {cfg} yet", hint=f"available stages: {sorted(STAGES)}")
     raise ConfigError(f"{where}: unknown stage {name!r}", hint=f"available stages: {sorted(STAGES)}")
 
 
@@ -260,6 +269,49 @@ def channels_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     return StageOutput(model, _save(ctx, spec, model), info=info)
 
 
+def _redesigned(ctx: StageContext, spec: StageSpec, report: Any) -> StageOutput:
+    """Fine-tune a factorized / separable model (KD from the original with ``teacher``) and save
+    it (the spec records the rewrite, so the file reloads as the new architecture)."""
+    info: dict[str, Any] = {"rewritten": [r.name for r in report.rewritten], "totals": report.totals(),
+                            "skipped": {r.name: r.reason for r in report.skipped}}
+    info.update(finetune(ctx, spec, report.model))
+    return StageOutput(report.model, _save(ctx, spec, report.model), info=info)
+
+
+@register_stage("factorize", (LowRankConfig,), (), "low-rank Linear / Conv2d (SVD, Tucker-2)")
+def factorize_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
+    assert isinstance(spec.config, LowRankConfig)
+    rep = factorize_report(ctx.model, spec.config, example_inputs=ctx.example(),
+                           calibration=ctx.calibration())
+    return _redesigned(ctx, spec, rep)
+
+
+@register_stage("separable", (SeparableConfig,), (), "depthwise-separable convolutions")
+def separable_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
+    assert isinstance(spec.config, SeparableConfig)
+    rep = separate_report(ctx.model, spec.config, example_inputs=ctx.example(),
+                          calibration=ctx.calibration())
+    return _redesigned(ctx, spec, rep)
+
+
+@register_stage("early_exit", (EarlyExitConfig,), (),
+                "exit heads, trained, thresholds chosen on validation (fewer MACs per sample)")
+def early_exit_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
+    cfg = spec.config
+    assert isinstance(cfg, EarlyExitConfig)
+    if spec.teacher is not None:
+        raise ConfigError(f"stage {ctx.index} (early_exit): 'teacher' is not supported here",
+                          hint="heads mode distils each head from the final head (alpha, temperature)")
+    multi = add_exits(ctx.model, cfg.exits, example_inputs=ctx.example())
+    tc = _train_cfg(ctx, spec) or TrainConfig(epochs=2, progress=False)
+    train_exits(multi, ctx.data, ExitTrainConfig(mode=cfg.mode, alpha=cfg.alpha, temperature=cfg.temperature,
+                                                  train=tc))
+    cal = calibrate(multi, cfg.calibration, calibration=ctx.data)
+    info = {"exits": list(multi.points), "thresholds": cal.thresholds, "shares": cal.shares,
+            "val_mac_reduction": cal.full_macs / cal.mean_macs}
+    return StageOutput(multi, _save(ctx, spec, multi), info=info)
+
+
 @register_stage("share", (KMeansConfig,), (), "k-means weight sharing + centroid fine-tuning")
 def share_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     model = share(ctx.model, spec.config)
@@ -323,5 +375,5 @@ def export_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     return StageOutput(ctx.model, path, runner=OrtModel(path, threads=cfg.threads))
 
 
-__all__ = ["PENDING", "STAGES", "ExportConfig", "StageContext", "StageKind", "StageOutput", "StageSpec",
-           "StudentConfig", "TeacherConfig", "register_stage", "stage_kind", "teacher_callbacks"]
+__all__ = ["STAGES", "EarlyExitConfig", "ExportConfig", "StageContext", "StageKind", "StageOutput",
+           "StageSpec", "StudentConfig", "TeacherConfig", "register_stage", "stage_kind", "teacher_callbacks"]
