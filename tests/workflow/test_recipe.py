@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from deepshrink import load
 from deepshrink.errors import ConfigError
+from deepshrink.models import create_model
 from deepshrink.workflow import load_recipe, parse_recipe, run_recipe
 from deepshrink.workflow.recipe import shipped_recipes
-from deepshrink.workflow.stages import STAGES
 
 from .conftest import ROOT
 
@@ -54,12 +55,44 @@ def test_bad_values_and_unknown_stages_are_named():
         parse_recipe({"name": "t", "stages": []})
 
 
-@pytest.mark.parametrize("name", ["factorize", "separable", "early_exit"])
-def test_stages_of_families_not_in_this_build_say_so(name):
-    if name in STAGES:
-        pytest.skip(f"{name} is available in this build")
-    with pytest.raises(ConfigError, match=rf"stage 1 \({name}\): stage '{name}'"):
-        parse_recipe(_recipe({"stage": name}))
+def test_redesign_and_early_exit_stage_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"stage 1 \(factorize\) config: LowRankConfig.rank/energy/budget"):
+        parse_recipe(_recipe({"stage": "factorize", "config": {"rank": 4, "energy": 0.9}}))
+    with pytest.raises(ConfigError, match=r"stage 1 \(separable\) config: SeparableConfig: unknown .*'mult'"):
+        parse_recipe(_recipe({"stage": "separable", "config": {"mult": 2}}))
+    with pytest.raises(ConfigError, match=r"stage 1 \(early_exit\) config: ExitTrainConfig.mode"):
+        parse_recipe(_recipe({"stage": "early_exit", "config": {"mode": "both"}}))
+    with pytest.raises(ConfigError, match=r"stage 1 \(early_exit\) config: .*CalibrationConfig.budget"):
+        parse_recipe(_recipe({"stage": "early_exit", "config": {"calibration": {"budget": -1}}}))
+
+
+def test_factorize_then_early_exit_stages_run(digits, digits_model, tmp_path):
+    """Low-rank rewrite (KD fine-tune), then exit heads calibrated on validation; both files
+    reload as their new architecture."""
+    model, model_file = digits_model
+    raw = _recipe({"stage": "factorize", "config": {"rank": 12, "check_speed": False},
+                   "finetune": {"epochs": 1}, "teacher": {"alpha": 0.5}},
+                  {"stage": "early_exit", "finetune": {"epochs": 1},
+                   "config": {"exits": {"points": ["3"]}, "calibration": {"budget": 2.0}}})
+    res = run_recipe(parse_recipe(raw), model, digits, tmp_path, model_file=model_file, progress=False,
+                     latency=False)
+    base, fac, ex = res.results["stages"]
+    assert fac["info"]["rewritten"] and fac["params"] < base["params"]
+    assert ex["info"]["exits"] == ["3"] and ex["info"]["val_mac_reduction"] >= 1.0
+    assert fac["test_top1"] > 0.5 and ex["test_top1"] > 0.5
+    multi = load(tmp_path / ex["file"])
+    assert multi.points == ["3"] and multi.thresholds == ex["info"]["thresholds"]
+    assert any(isinstance(m, torch.nn.Sequential) and len(m) == 2 for m in multi.base.modules())
+
+
+def test_separable_stage_runs(digits, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vgg_small", in_size=8, width=8, hidden=16)
+    raw = _recipe({"stage": "separable", "config": {"check_speed": False}, "finetune": {"epochs": 1}})
+    res = run_recipe(parse_recipe(raw), model, digits, tmp_path, progress=False, latency=False)
+    base, sep = res.results["stages"]
+    assert sep["info"]["rewritten"] and sep["macs"] < base["macs"]
+    assert load(tmp_path / sep["file"])(digits.test.tensors[0][:2]).shape == (2, 10)
 
 
 def test_yaml_and_json_recipes_agree(tmp_path):
