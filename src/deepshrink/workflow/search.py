@@ -5,13 +5,16 @@ techniques, selection on the validation split only.
    A target sparsity is spread over the layers greedily, cheapest accuracy per removed weight
    first (the big first layer takes the most, the classifier the least — Han et al.'s pattern,
    found from data instead of by hand).
-2. Candidates: knob settings drawn (seeded) from the objective's space, each compiled to a
-   recipe — size: iterative pruning with KD from the original, k-means sharing (2-5 bits,
-   fp16/fp32 codebooks) with centroid fine-tuning, Huffman-coded .dsz; latency / MACs: channel
-   pruning with KD, static int8 run by ONNX Runtime.
-3. Successive halving: every candidate runs with a short fine-tune budget; the best third by
-   the objective (among those within ``max_drop`` plus a slack that shrinks per rung, on the
-   validation split) run again with ``eta`` times the budget, and so on.
+2. Candidates: the family's published setting first (:data:`SEEDS`), then knob settings drawn
+   (seeded, stratified) from the objective's space, each compiled to a recipe — size: iterative
+   pruning with KD from the original, spread by sensitivity or Han et al.'s even rule, k-means
+   sharing (2-4 bits) with centroid fine-tuning, Huffman-coded .dsz with fp16 codebooks;
+   latency / MACs: channel pruning with KD, static int8 run by ONNX Runtime.
+3. Successive halving: every candidate runs with a short fine-tune budget; the best 1/``eta``
+   by the objective (among those within ``max_drop`` plus a slack that shrinks per rung, on the
+   validation split) run again with a longer one, and so on; the last rung gets the hand-tuned
+   Deep Compression schedule. With a time budget, one last-rung trial's estimated cost is kept
+   aside while the earlier rungs run (they are cut short instead), so the finalist is trained.
 4. Selection and report: the Pareto fronts (bytes, latency) over all finished trials on
    validation accuracy; the chosen model meets ``max_drop`` on validation and, with a target,
    the target (most accurate such model), else is the smallest / fastest. Only then is the test
@@ -51,7 +54,9 @@ from deepshrink.workflow.recipe import machine_info, parse_recipe, run_recipe
 OBJECTIVES = ("size", "latency", "macs")
 SENS_RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 # Fine-tune budget per rung: (pruning rounds, epochs per round, epochs after sharing / channels).
-RUNG_BUDGET = ((2, 1, 1), (3, 2, 2), (6, 4, 6), (8, 4, 8))
+# The last is the hand-tuned Deep Compression schedule (bench/pruning.py: 8 rounds x 4 epochs,
+# then 8 epochs of centroid tuning): the finalist gets what a person would have given it.
+RUNG_BUDGET = ((2, 1, 1), (3, 2, 2), (8, 4, 8))
 
 
 @dataclasses.dataclass
@@ -151,6 +156,20 @@ def allocate(sens: dict[str, Any], target: float, cap: float = 0.98, step: float
     return ratios
 
 
+def allocate_even(sens: dict[str, Any], target: float, cap: float = 0.98) -> dict[str, float]:
+    """Han et al.'s pattern as a rule: one ratio for every layer, reaching ``target`` of all
+    weights, except the output layer and tiny layers (< 1 % of the weights: a first conv), which
+    keep three times the density (92 % overall -> classifier 76 %; Han et al. 2016: 74 %)."""
+    names = list(sens["top1"])
+    params = sens["params"]
+    total = sum(params[n] for n in names)
+    spared = {n for n in names if n == names[-1] or params[n] < 0.01 * total}
+    light = max(0.0, 1 - 3 * (1 - target))
+    rest = total - sum(params[n] for n in spared)
+    r = (target * total - light * (total - rest)) / rest if rest else target
+    return {n: round(min(cap, light if n in spared else max(0.0, r)), 4) for n in names}
+
+
 def sensitivity(model: nn.Module, data: DataBundle) -> dict[str, Any]:
     s = sensitivity_scan(model, data.loader("val", 1000), ratios=SENS_RATIOS)
     return {"baseline_top1": s.baseline_top1, "ratios": s.ratios, "top1": s.top1, "params": s.params}
@@ -158,9 +177,12 @@ def sensitivity(model: nn.Module, data: DataBundle) -> dict[str, Any]:
 
 # --- the space: knobs -> recipe ---------------------------------------------------------------
 
+# The size space is the Deep Compression family: heavy pruning (how it is spread over the layers:
+# ``alloc``), few-bit sharing, KD from the original during every fine-tune, Huffman-coded .dsz
+# with fp16 codebooks (at <= 4 bits a codebook is a few bytes; fp32 ones never paid off).
 SPACES: dict[str, dict[str, tuple[Any, ...]]] = {
-    "size": {"sparsity": (0.85, 0.88, 0.9, 0.92, 0.94, 0.96), "bits": (2, 3, 4, 5),
-             "codebook": ("float16", "float32"), "kd": (0.0, 0.5, 0.7)},
+    "size": {"sparsity": (0.9, 0.92, 0.93, 0.94, 0.95, 0.96), "bits": (2, 3, 4), "kd": (0.5, 0.7),
+             "alloc": ("even", "sens")},
     "latency": {"channels": (0.0, 0.25, 0.5, 0.65), "int8": (True, False), "kd": (0.0, 0.7)},
     "macs": {"channels": (0.3, 0.5, 0.65, 0.8), "kd": (0.0, 0.7)},
 }
@@ -170,22 +192,34 @@ def knob_key(knobs: dict[str, Any]) -> str:
     return "-".join(f"{k}{v}" for k, v in sorted(knobs.items()))
 
 
+# The first candidate of each space: the published setting of the family (Han et al. 2016 on
+# LeNet-300-100: 92 % pruned with the classifier spared, 3-bit sharing, Huffman; KD as in
+# bench/pruning.py). A prior, not a verdict: it competes in successive halving like the others.
+SEEDS: dict[str, dict[str, Any]] = {
+    "size": {"sparsity": 0.92, "bits": 3, "kd": 0.5, "alloc": "even"},
+    "latency": {"channels": 0.25, "int8": True, "kd": 0.7},
+    "macs": {"channels": 0.5, "kd": 0.7},
+}
+
+
 def draw_candidates(cfg: SearchConfig) -> list[dict[str, Any]]:
-    """``cfg.candidates`` distinct knob settings, seeded, stratified: each knob's values are
-    dealt out in turn (shuffled), so every value of every knob appears once there are as many
-    candidates as the knob has values (a Latin-hypercube-like cover of the grid)."""
+    """``cfg.candidates`` distinct knob settings, seeded: the space's published setting
+    (:data:`SEEDS`) first, then stratified draws: each knob's values are dealt out in turn
+    (shuffled), so every value of every knob appears once there are as many candidates as the
+    knob has values (a Latin-hypercube-like cover of the grid)."""
     space = SPACES[cfg.objective]
     rng = random.Random(cfg.seed)
+    n = cfg.candidates - 1
     columns = {}
     for k, vals in space.items():
         col: list[Any] = []
-        while len(col) < cfg.candidates:
+        while len(col) < n:
             chunk = list(vals)
             rng.shuffle(chunk)
             col.extend(chunk)
         columns[k] = col
-    out, seen = [], set()
-    for i in range(cfg.candidates):
+    out, seen = [SEEDS[cfg.objective]], {knob_key(SEEDS[cfg.objective])}
+    for i in range(n):
         knobs = {k: columns[k][i] for k in space}
         if knob_key(knobs) not in seen:
             seen.add(knob_key(knobs))
@@ -211,14 +245,15 @@ def build_recipe(knobs: dict[str, Any], rung: int, cfg: SearchConfig, sens: dict
                        **kw})
 
     if cfg.objective == "size":
-        layer = allocate(sens, knobs["sparsity"]) if sens else {}
+        spread = allocate_even if knobs.get("alloc") == "even" else allocate
+        layer = spread(sens, knobs["sparsity"]) if sens else {}
         add("prune", {"type": "UnstructuredConfig", "ratio": knobs["sparsity"], "scope": "layer",
                       "overrides": {re.escape(n): r for n, r in layer.items()}},
             rounds=rounds, spacing="cubic", finetune=ft)
         b = knobs["bits"]
         add("share", {"bits": b, "conv_bits": b + 1, "bias_bits": max(4, b + 1)},
             finetune={**ft, "epochs": _epochs(ep2, cfg.epochs_scale), "lr": cfg.lr / 10})
-        add("pack", {"codebook_dtype": knobs["codebook"]}, kd=False)
+        add("pack", {"codebook_dtype": knobs.get("codebook", "float16")}, kd=False)
     else:
         if knobs.get("channels"):
             add("channels", {"ratio": knobs["channels"], "importance": "activation"},
@@ -372,9 +407,9 @@ def _estimate(state: SearchState, rung: int) -> float:
                 if t["rung"] == r and "clock_seconds" in t]
         return sum(secs) / len(secs) if secs else None
 
-    def epochs(r: int) -> int:
+    def epochs(r: int) -> int:  # + 1: a trial's fixed costs (packing, measuring) weigh about an epoch
         rounds, ep, ep2 = RUNG_BUDGET[r]
-        return rounds * ep + ep2
+        return rounds * ep + ep2 + 1
 
     for r in range(rung, -1, -1):
         m = mean(r)
@@ -426,9 +461,11 @@ def _halving(s: _Session) -> str | None:
     pool = draw_candidates(s.cfg)
     for rung in range(s.cfg.rungs):
         s.log(f"rung {rung}: {len(pool)} candidate(s), budget {RUNG_BUDGET[rung]}")
-        rung_trials, stopped = _rung(s, pool, rung)
-        if stopped or rung + 1 == s.cfg.rungs:
+        rung_trials, stopped, final = _rung(s, pool, rung)
+        if final or rung + 1 == s.cfg.rungs or not rung_trials:
             return stopped
+        if stopped:  # a cut rung: promote from what ran, the finalist's budget stays reserved
+            s.log(f"rung {rung}: {stopped}")
         # Early rungs fine-tune less, so accuracy recovers later: be lenient there, or only the
         # lightly compressed candidates survive (the low-fidelity bias of successive halving).
         slack = (s.cfg.rungs - 1 - rung) * max(1.25, 2 * s.cfg.max_drop)
@@ -439,18 +476,25 @@ def _halving(s: _Session) -> str | None:
     return None
 
 
-def _rung(s: _Session, pool: list[dict[str, Any]], rung: int) -> tuple[list[dict[str, Any]], str | None]:
-    """Every candidate of ``pool`` at ``rung`` while the budget lasts; (records, why stopped)."""
-    cfg, trials = s.cfg, s.state.data["trials"]
+def _rung(s: _Session, pool: list[dict[str, Any]], rung: int
+          ) -> tuple[list[dict[str, Any]], str | None, bool]:
+    """Every candidate of ``pool`` at ``rung`` while the budget lasts: (records, why it was cut,
+    whether the search must stop). Before the last rung, one last-rung trial's estimated cost
+    stays reserved, so the budget always pays for the finalist's long fine-tune."""
+    cfg, trials, last = s.cfg, s.state.data["trials"], s.cfg.rungs - 1
     records: list[dict[str, Any]] = []
     for i, knobs in enumerate(pool):
         # A trial already in the state costs nothing now: resuming replays it, budget or not.
         known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung for t in trials.values())
         c0 = s.clock.elapsed()
-        if not known and cfg.time_budget is not None and c0 + _estimate(s.state, rung) > cfg.time_budget:
-            return records, f"time budget of {cfg.time_budget:.0f} s spent (next trial would not fit)"
+        reserve = _estimate(s.state, last) if rung < last else 0.0
+        if not known and cfg.time_budget is not None and (
+                c0 + _estimate(s.state, rung) + reserve > cfg.time_budget):
+            why = (f"time budget of {cfg.time_budget:.0f} s spent (next trial would not fit"
+                   + (f" beside the {reserve:.0f} s kept for the last rung)" if reserve else ")"))
+            return records, why, rung == last
         if not known and s.max_trials is not None and s.new >= s.max_trials:
-            return records, f"stopped after {s.max_trials} new trial(s)"
+            return records, f"stopped after {s.max_trials} new trial(s)", True
         s.log(f"[trial {i + 1}/{len(pool)}, rung {rung}, {c0:.0f} s]")
         rec = _trial(s, knobs, rung)
         rec.setdefault("clock_seconds", s.clock.elapsed() - c0)
@@ -459,7 +503,7 @@ def _rung(s: _Session, pool: list[dict[str, Any]], rung: int) -> tuple[list[dict
         s.state.data["elapsed"] = s.clock.elapsed()
         s.state.save()
         records.append(rec)
-    return records, None
+    return records, None, False
 
 
 def choose(trials: list[dict[str, Any]], cfg: SearchConfig) -> dict[str, Any] | None:
@@ -543,5 +587,5 @@ def _original(model: nn.Module, data: DataBundle, model_file: str | Path) -> dic
             "test_top1": evaluate(model, data.loader("test", 1000))["top1"]}
 
 
-__all__ = ["CLOCKS", "BudgetClock", "SearchConfig", "SearchResult", "allocate", "build_recipe", "choose",
-           "draw_candidates", "parse_target", "search"]
+__all__ = ["CLOCKS", "SEEDS", "SPACES", "BudgetClock", "SearchConfig", "SearchResult", "allocate",
+           "allocate_even", "build_recipe", "choose", "draw_candidates", "parse_target", "search"]
