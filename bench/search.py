@@ -74,7 +74,8 @@ def run_part(part: str, data: Any, work: Path, ref: dict[str, Any], args: argpar
     budget = (ref[name]["budget_cpu_seconds"] * args.budget_scale if objective == "size"
               else args.latency_budget)
     cfg = SearchConfig(objective=objective, max_drop=0.5, time_budget=budget, budget_clock="cpu",
-                       candidates=args.candidates, rungs=3 if objective == "size" else 2)
+                       candidates=args.candidates, rungs=3 if objective == "size" else 2, eta=args.eta,
+                       target=args.target if objective == "size" else None, epochs_scale=args.epochs_scale)
     w0, c0 = time.perf_counter(), time.process_time()
     res = search(load(ckpt), data, cfg, work / part, model_file=ckpt,
                  command=f"python bench/search.py --only {part}")
@@ -140,7 +141,11 @@ def main() -> None:
     ap.add_argument("--budget-scale", type=float, default=1.0,
                     help="size-search budget as a fraction of the hand-tuned benches' CPU seconds")
     ap.add_argument("--latency-budget", type=float, default=100.0, help="CPU seconds per latency search")
-    ap.add_argument("--candidates", type=int, default=8, help="first-rung candidates")
+    ap.add_argument("--candidates", type=int, default=7, help="first-rung candidates (the seed included)")
+    ap.add_argument("--eta", type=int, default=3, help="successive halving keeps 1/eta per rung")
+    ap.add_argument("--target", default="50x", help="size target of the size searches (the floor)")
+    ap.add_argument("--epochs-scale", type=float, default=1.0,
+                    help="multiplies every fine-tune's epochs (LeNet-5's budget fits ~14 epochs)")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     parts = args.only or [*PARTS, *(["stretch"] if args.stretch else [])]

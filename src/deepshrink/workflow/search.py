@@ -462,10 +462,13 @@ def _halving(s: _Session) -> str | None:
     for rung in range(s.cfg.rungs):
         s.log(f"rung {rung}: {len(pool)} candidate(s), budget {RUNG_BUDGET[rung]}")
         rung_trials, stopped, final = _rung(s, pool, rung)
-        if final or rung + 1 == s.cfg.rungs or not rung_trials:
+        if final or rung + 1 == s.cfg.rungs:
             return stopped
         if stopped:  # a cut rung: promote from what ran, the finalist's budget stays reserved
             s.log(f"rung {rung}: {stopped}")
+        if not rung_trials:  # nothing fitted at this rung: the leader so far goes on alone
+            pool = pool[:1]
+            continue
         # Early rungs fine-tune less, so accuracy recovers later: be lenient there, or only the
         # lightly compressed candidates survive (the low-fidelity bias of successive halving).
         slack = (s.cfg.rungs - 1 - rung) * max(1.25, 2 * s.cfg.max_drop)
