@@ -210,7 +210,7 @@ def _speed_input(layer: nn.Module, rec: common.LayerInputs | None, batch: int) -
     return x
 
 
-def factorize_report(model: nn.Module, config: LowRankConfig | None = None, *,
+def factorize_with_report(model: nn.Module, config: LowRankConfig | None = None, *,
                      example_inputs: Any = None, calibration: Any = None) -> RedesignReport:
     """:func:`factorize`, returning the per-layer report (with the edited model as ``.model``)."""
     config = config or LowRankConfig()
@@ -253,9 +253,9 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, example_
     ``example_inputs`` (one batch: tensor, tuple or dict) or ``calibration`` (batches, a loader,
     a DataBundle) tell each layer's input size (for MACs and timing) and feed the budget search.
     The edit is recorded in the model's spec, so :func:`deepshrink.load` rebuilds the factorized
-    architecture. Use :func:`factorize_report` for the per-layer report (ranks, sizes, skips).
+    architecture. Use :func:`factorize_with_report` for the per-layer report (ranks, sizes, skips).
     """
-    return factorize_report(model, config, example_inputs=example_inputs, calibration=calibration).model
+    return factorize_with_report(model, config, example_inputs=example_inputs, calibration=calibration).model
 
 
 # -- replay on load ------------------------------------------------------------------------------

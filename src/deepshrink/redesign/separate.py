@@ -170,7 +170,7 @@ def _pays(p: _Plan, rec: common.LayerInputs, config: SeparableConfig) -> str:
     return ""
 
 
-def separate_report(model: nn.Module, config: SeparableConfig | None = None, *,
+def separate_with_report(model: nn.Module, config: SeparableConfig | None = None, *,
                     example_inputs: Any = None, calibration: Any = None) -> RedesignReport:
     """:func:`separate`, returning the per-layer report (with the edited model as ``.model``)."""
     config = config or SeparableConfig()
@@ -217,8 +217,8 @@ def separate(model: nn.Module, config: SeparableConfig | None = None, *, example
     return it. The pairs are fitted to each layer's outputs on ``calibration`` (or the
     ``example_inputs`` batch); fine-tune afterwards (:func:`~deepshrink.redesign.recover`, with KD
     from the original). The edit is recorded in the spec so :func:`deepshrink.load` rebuilds it.
-    :func:`separate_report` gives the per-layer report."""
-    return separate_report(model, config, example_inputs=example_inputs, calibration=calibration).model
+    :func:`separate_with_report` gives the per-layer report."""
+    return separate_with_report(model, config, example_inputs=example_inputs, calibration=calibration).model
 
 
 # -- replay on load ------------------------------------------------------------------------------
