@@ -25,6 +25,7 @@ from deepshrink.config import (
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import Inputs, set_submodule
 from deepshrink.models import record_edit, register_edit
+from deepshrink.models.schema import List, Obj, Str
 from deepshrink.redesign import common, lowrank, ranks
 from deepshrink.redesign.report import LayerReport, RedesignReport
 
@@ -259,12 +260,18 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, example_
 
 
 # -- replay on load ------------------------------------------------------------------------------
-def _layer_fields(rec: dict[str, Any], where: str) -> dict[str, Any]:
-    common.exact_keys(rec, where, ("form", "rank", "shape"))
-    form = common.choice(rec["form"], f"{where}.form", lowrank.FORMS)
-    rank = common.int_list(rec["rank"], f"{where}.rank", (2,) if form == "tucker2" else (1,))
-    shape = common.int_list(rec["shape"], f"{where}.shape", (2,) if form == "linear" else (4,))
-    return {"form": form, "rank": rank, "shape": shape}
+_LAYER = Obj({"form": Str(choices=lowrank.FORMS), "rank": List(common.DIM, max_len=2, min_len=1),
+              "shape": List(common.DIM, max_len=4, min_len=2)})
+
+
+def _layer_fields(rec: Any, where: str) -> dict[str, Any]:
+    rec = _LAYER(rec, where)
+    ranks, dims = (2 if rec["form"] == "tucker2" else 1), (2 if rec["form"] == "linear" else 4)
+    for field, n in (("rank", ranks), ("shape", dims)):
+        if len(rec[field]) != n:
+            raise FormatError(f"{where}.{field}: a {rec['form']} layer records {n} integers, "
+                              f"got {rec[field]!r:.60}")
+    return rec
 
 
 #: Schema of a recorded ``lowrank`` edit (every field but ``kind``): plain JSON, checked.

@@ -27,6 +27,7 @@ from deepshrink.config import (
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import Inputs, set_submodule
 from deepshrink.models import record_edit, register_edit
+from deepshrink.models.schema import Int, List, Obj, Str
 from deepshrink.redesign import common, dwsep, ranks
 from deepshrink.redesign.report import LayerReport, RedesignReport
 
@@ -222,11 +223,8 @@ def separate(model: nn.Module, config: SeparableConfig | None = None, *, example
 
 
 # -- replay on load ------------------------------------------------------------------------------
-def _layer_fields(rec: dict[str, Any], where: str) -> dict[str, Any]:
-    common.exact_keys(rec, where, ("multiplier", "between", "shape"))
-    return {"multiplier": common.plain_int(rec["multiplier"], f"{where}.multiplier", 1, 1 << 16),
-            "between": common.choice(rec["between"], f"{where}.between", dwsep.BETWEEN),
-            "shape": common.int_list(rec["shape"], f"{where}.shape", (4,))}
+_layer_fields = Obj({"multiplier": Int(1, 1 << 16), "between": Str(choices=dwsep.BETWEEN),
+                     "shape": List(common.DIM, max_len=4, min_len=4)})
 
 
 #: Schema of a recorded ``separable`` edit (every field but ``kind``): plain JSON, checked.
