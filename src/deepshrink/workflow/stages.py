@@ -42,7 +42,7 @@ from deepshrink.pruning import (
     save_sparse,
 )
 from deepshrink.quantization import PTQConfig, QATConfig, convert, prepare_qat, quantize
-from deepshrink.redesign import LowRankConfig, SeparableConfig, factorize_report, separate_report
+from deepshrink.redesign import LowRankConfig, SeparableConfig, factorize_with_report, separate_with_report
 from deepshrink.sharing import CentroidFineTune, KMeansConfig, round_codebooks, share
 from deepshrink.train import Callback, TrainConfig, TrainState, logits_of, train
 
@@ -281,7 +281,7 @@ def _redesigned(ctx: StageContext, spec: StageSpec, report: Any) -> StageOutput:
 @register_stage("factorize", (LowRankConfig,), (), "low-rank Linear / Conv2d (SVD, Tucker-2)")
 def factorize_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     assert isinstance(spec.config, LowRankConfig)
-    rep = factorize_report(ctx.model, spec.config, example_inputs=ctx.example(),
+    rep = factorize_with_report(ctx.model, spec.config, example_inputs=ctx.example(),
                            calibration=ctx.calibration())
     return _redesigned(ctx, spec, rep)
 
@@ -289,7 +289,7 @@ def factorize_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
 @register_stage("separable", (SeparableConfig,), (), "depthwise-separable convolutions")
 def separable_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     assert isinstance(spec.config, SeparableConfig)
-    rep = separate_report(ctx.model, spec.config, example_inputs=ctx.example(),
+    rep = separate_with_report(ctx.model, spec.config, example_inputs=ctx.example(),
                           calibration=ctx.calibration())
     return _redesigned(ctx, spec, rep)
 
