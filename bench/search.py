@@ -74,7 +74,8 @@ def run_part(part: str, data: Any, work: Path, ref: dict[str, Any], args: argpar
     budget = (ref[name]["budget_cpu_seconds"] * args.budget_scale if objective == "size"
               else args.latency_budget)
     cfg = SearchConfig(objective=objective, max_drop=0.5, time_budget=budget, budget_clock="cpu",
-                       candidates=args.candidates, rungs=3 if objective == "size" else 2, eta=args.eta,
+                       candidates=args.candidates, eta=args.eta,
+                       rungs=args.rungs if objective == "size" else 2,
                        target=args.target if objective == "size" else None, epochs_scale=args.epochs_scale)
     w0, c0 = time.perf_counter(), time.process_time()
     res = search(load(ckpt), data, cfg, work / part, model_file=ckpt,
@@ -142,6 +143,7 @@ def main() -> None:
                     help="size-search budget as a fraction of the hand-tuned benches' CPU seconds")
     ap.add_argument("--latency-budget", type=float, default=100.0, help="CPU seconds per latency search")
     ap.add_argument("--candidates", type=int, default=7, help="first-rung candidates (the seed included)")
+    ap.add_argument("--rungs", type=int, default=2, help="successive-halving rungs of the size searches")
     ap.add_argument("--eta", type=int, default=3, help="successive halving keeps 1/eta per rung")
     ap.add_argument("--target", default="50x", help="size target of the size searches (the floor)")
     ap.add_argument("--epochs-scale", type=float, default=1.0,

@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
                            time_budget=time_budget, seed=seed, device=device).override(
             candidates=candidates, rungs=rungs, epochs_scale=epochs_scale)
         res = search(_model(model), load_dataset(data, data_dir), cfg, output, model_file=model,
-                     command=_command())
+                     command=_command(), progress=not as_json)
         if "selected" not in res.results:  # cannot happen without max_trials; kept for clarity
             raise ConfigError("the search stopped before selecting a model")
         distributed.on_main(write_report, res.results, output / "report.html")

@@ -45,6 +45,7 @@ from deepshrink.config import Config, check
 from deepshrink.data import DataBundle
 from deepshrink.errors import ConfigError
 from deepshrink.fileio import atomic_write_text
+from deepshrink.progress import make_progress
 from deepshrink.pruning import sensitivity_scan
 from deepshrink.train import evaluate
 from deepshrink.workflow.latency import interleaved_latency, latency_summary
@@ -56,7 +57,12 @@ SENS_RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 # Fine-tune budget per rung: (pruning rounds, epochs per round, epochs after sharing / channels).
 # The last is the hand-tuned Deep Compression schedule (bench/pruning.py: 8 rounds x 4 epochs,
 # then 8 epochs of centroid tuning): the finalist gets what a person would have given it.
+# Rung r of a search with R rungs gets RUNG_BUDGET[r], except its last, which always gets the last.
 RUNG_BUDGET = ((2, 1, 1), (3, 2, 2), (8, 4, 8))
+
+
+def rung_budget(rung: int, rungs: int) -> tuple[int, int, int]:
+    return RUNG_BUDGET[-1] if rung == rungs - 1 else RUNG_BUDGET[rung]
 
 
 @dataclasses.dataclass
@@ -234,7 +240,7 @@ def _epochs(n: int, scale: float) -> int:
 def build_recipe(knobs: dict[str, Any], rung: int, cfg: SearchConfig, sens: dict[str, Any] | None
                  ) -> dict[str, Any]:
     """The recipe (a plain mapping, as in a recipe file) for one candidate at one rung."""
-    rounds, ep, ep2 = RUNG_BUDGET[rung]
+    rounds, ep, ep2 = rung_budget(rung, cfg.rungs)
     ft = {"epochs": _epochs(ep, cfg.epochs_scale), "lr": cfg.lr, "batch_size": 128, "keep_best": True,
           "augment": "none", "device": cfg.device}
     teacher = {"alpha": knobs["kd"], "temperature": cfg.kd_temperature} if knobs.get("kd") else None
@@ -349,6 +355,7 @@ class _Session:
     model_file: str
     log: Callable[[str], None]
     max_trials: int | None = None
+    progress: bool = False
     new: int = 0  # trials run (not replayed from the state) in this session
 
 
@@ -362,6 +369,21 @@ def _score(t: dict[str, Any], cfg: SearchConfig, slack: float) -> tuple[int, flo
     return (0, obj)
 
 
+def _promote_key(t: dict[str, Any], cfg: SearchConfig, slack: float) -> tuple[int, float]:
+    """Who goes on to the next rung. With a target, the user has said how small / fast is
+    enough: the most accurate trials (validation) that meet it go first, as :func:`choose`
+    will pick; without one, the best by the objective within the drop plus ``slack``."""
+    if cfg.target is None or t["status"] != "done":
+        return _score(t, cfg, slack)
+    return (0 if _meets_target(t, cfg) else 1, -t["val_top1"])
+
+
+def _meets_target(t: dict[str, Any], cfg: SearchConfig) -> bool:
+    kind, value = parse_target(cfg.target or "1x", cfg.objective)
+    metric = {"size": "size_ratio", "latency": "speedup", "macs": "macs_ratio"}[cfg.objective]
+    return t["bytes"] <= value if kind == "bytes" else (t.get(metric) or 0) >= value
+
+
 def _trial(s: _Session, knobs: dict[str, Any], rung: int) -> dict[str, Any]:
     """Run one candidate at one rung (every process: its fine-tunes are data-parallel); rank 0
     measures the artifact it wrote and every process returns rank 0's record."""
@@ -372,8 +394,12 @@ def _trial(s: _Session, knobs: dict[str, Any], rung: int) -> dict[str, Any]:
         s.log(f"  {tid}: resumed from state")
         return done
     t0 = time.perf_counter()
-    res = run_recipe(parse_recipe(raw, tid), s.model, s.data, s.out / "trials" / tid, model_file=s.model_file,
-                     test=False, latency=False, progress=False, log=lambda _: None)
+    recipe = parse_recipe(raw, tid)
+    with make_progress(s.progress) as bar:  # one bar per trial over its stages (rank 0, terminal)
+        task = bar.add_task(tid, total=len(recipe.stages), info="")
+        res = run_recipe(recipe, s.model, s.data, s.out / "trials" / tid, model_file=s.model_file,
+                         test=False, latency=False, progress=False,
+                         log=lambda line: bar.update(task, advance=1, info=line.split(": ", 1)[-1]))
     rec = _record(s, knobs, rung, raw, res.results["stages"], t0) if distributed.is_main() else None
     rec = distributed.broadcast_json(rec)
     s.log(f"  {tid}: {rec['bytes']:,} B ({rec['size_ratio']:.1f}x), {rec['speedup']:.2f}x faster, "
@@ -399,7 +425,7 @@ def _record(s: _Session, knobs: dict[str, Any], rung: int, raw: dict[str, Any],
             "seconds": time.perf_counter() - t0}
 
 
-def _estimate(state: SearchState, rung: int) -> float:
+def _estimate(state: SearchState, rung: int, rungs: int) -> float:
     """Expected budget-clock seconds of the next trial at ``rung``: the mean of that rung's
     trials so far, else the previous rung's scaled by the fine-tuning epochs."""
     def mean(r: int) -> float | None:
@@ -408,7 +434,7 @@ def _estimate(state: SearchState, rung: int) -> float:
         return sum(secs) / len(secs) if secs else None
 
     def epochs(r: int) -> int:  # + 1: a trial's fixed costs (packing, measuring) weigh about an epoch
-        rounds, ep, ep2 = RUNG_BUDGET[r]
+        rounds, ep, ep2 = rung_budget(r, rungs)
         return rounds * ep + ep2 + 1
 
     for r in range(rung, -1, -1):
@@ -426,13 +452,13 @@ def _ort(path: Path) -> Any:
 
 def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: str | Path, *,
            model_file: str | Path, command: str | None = None, max_trials: int | None = None,
-           log: Callable[[str], None] | None = None) -> SearchResult:
+           log: Callable[[str], None] | None = None, progress: bool = False) -> SearchResult:
     """Run (or resume) the search; write ``search.json`` into ``out_dir`` (render it with
     :func:`deepshrink.report.write_report`). Under torchrun, run it on every process: trials
     train data-parallel, rank 0 writes the files and every process returns the same result.
 
     ``max_trials`` stops after that many *new* trials (as an interrupt would), leaving the state
-    to resume from.
+    to resume from. ``progress``: a live bar per trial (its stages) on a terminal.
     """
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     distributed.setup(config.device)  # under torchrun: join the group before the first collective
@@ -440,7 +466,8 @@ def search(model: nn.Module, data: DataBundle, config: SearchConfig, out_dir: st
     model = copy.deepcopy(model).eval()
     state = SearchState.open(out, config, str(model_file))
     s = _Session(model, data, config, state, BudgetClock(config.budget_clock, state.data["elapsed"]),
-                 out, str(model_file), lambda m: say(m) if distributed.is_main() else None, max_trials)
+                 out, str(model_file), lambda m: say(m) if distributed.is_main() else None, max_trials,
+                 progress)
     if state.data["sensitivity"] is None:
         s.log("sensitivity scan (validation split) ...")
         sens = sensitivity(model, data) if distributed.is_main() else None
@@ -460,7 +487,7 @@ def _halving(s: _Session) -> str | None:
     """Successive halving over the candidates; why it stopped early, or None."""
     pool = draw_candidates(s.cfg)
     for rung in range(s.cfg.rungs):
-        s.log(f"rung {rung}: {len(pool)} candidate(s), budget {RUNG_BUDGET[rung]}")
+        s.log(f"rung {rung}: {len(pool)} candidate(s), budget {rung_budget(rung, s.cfg.rungs)}")
         rung_trials, stopped, final = _rung(s, pool, rung)
         if final or rung + 1 == s.cfg.rungs:
             return stopped
@@ -472,7 +499,7 @@ def _halving(s: _Session) -> str | None:
         # Early rungs fine-tune less, so accuracy recovers later: be lenient there, or only the
         # lightly compressed candidates survive (the low-fidelity bias of successive halving).
         slack = (s.cfg.rungs - 1 - rung) * max(1.25, 2 * s.cfg.max_drop)
-        ranked = sorted(rung_trials, key=lambda t: _score(t, s.cfg, slack))
+        ranked = sorted(rung_trials, key=lambda t: _promote_key(t, s.cfg, slack))
         # ceil: with few candidates, floor division would leave one survivor per rung; the time
         # budget, not the rounding, should decide how many get the long fine-tune.
         pool = [t["knob_values"] for t in ranked[: max(1, math.ceil(len(ranked) / s.cfg.eta))]]
@@ -490,9 +517,9 @@ def _rung(s: _Session, pool: list[dict[str, Any]], rung: int
         # A trial already in the state costs nothing now: resuming replays it, budget or not.
         known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung for t in trials.values())
         c0 = s.clock.elapsed()
-        reserve = _estimate(s.state, last) if rung < last else 0.0
+        reserve = _estimate(s.state, last, cfg.rungs) if rung < last else 0.0
         if not known and cfg.time_budget is not None and (
-                c0 + _estimate(s.state, rung) + reserve > cfg.time_budget):
+                c0 + _estimate(s.state, rung, cfg.rungs) + reserve > cfg.time_budget):
             why = (f"time budget of {cfg.time_budget:.0f} s spent (next trial would not fit"
                    + (f" beside the {reserve:.0f} s kept for the last rung)" if reserve else ")"))
             return records, why, rung == last
@@ -513,9 +540,7 @@ def choose(trials: list[dict[str, Any]], cfg: SearchConfig) -> dict[str, Any] | 
     """The chosen trial, from validation numbers only (see the module docstring)."""
     ok = [t for t in trials if t["status"] == "done" and t["val_drop_pt"] <= cfg.max_drop]
     if cfg.target is not None:
-        kind, value = parse_target(cfg.target, cfg.objective)
-        metric = {"size": "size_ratio", "latency": "speedup", "macs": "macs_ratio"}[cfg.objective]
-        met = [t for t in ok if (t["bytes"] <= value if kind == "bytes" else (t.get(metric) or 0) >= value)]
+        met = [t for t in ok if _meets_target(t, cfg)]
         if met:
             return max(met, key=lambda t: (t["val_top1"], t["trial"]))
     if not ok:
