@@ -123,7 +123,16 @@ def summary(payload: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for m in ("lenet300", "lenet5"):
         part = payload.get(f"{m}-size")
-        if not part or not part.get("chosen"):
+        if not part:
+            continue
+        if not part.get("chosen"):  # nothing met max_drop on validation: say so, and what came closest
+            near = [t for t in part["front_size"] if t["size_ratio"] >= 50]
+            best = min(near, key=lambda t: t["val_drop_pt"]) if near else None
+            out[m] = {"chosen": None, "floor_50x_at_0.5pt_met": False,
+                      "closest_at_50x_on_val": best and {k: best[k] for k in (
+                          "trial", "size_ratio", "val_drop_pt", "test_drop_pt")},
+                      "hand_tuned_ratio": ref[m]["deep_compression"]["ratio"],
+                      "hand_tuned_test_drop_pt": ref[m]["deep_compression"]["test_drop_pt"]}
             continue
         c = part["chosen"]
         out[m] = {"search_ratio": c["size_ratio"], "search_test_drop_pt": c["test_drop_pt"],
@@ -136,6 +145,8 @@ def summary(payload: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", action="append", choices=[*PARTS, "stretch"])
+    ap.add_argument("--summary-only", action="store_true",
+                    help="recompute the summary of bench/results/search.json (no search is run)")
     ap.add_argument("--stretch", action="store_true", help="also run recipes/max-compression.yaml")
     ap.add_argument("--work", type=Path, default=Path("/tmp/deepshrink-search-bench"),
                     help="trial artifacts and resumable state (same dir resumes an interrupted run)")
@@ -152,6 +163,11 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     parts = args.only or [*PARTS, *(["stretch"] if args.stretch else [])]
     ref = hand_tuned()
+    if args.summary_only:
+        old = json.loads((RESULTS / "search.json").read_text())
+        write_results("search", {**old, "summary": summary(old, ref)})
+        print(json.dumps(summary(old, ref), indent=2))
+        return
     data = load_fashion_mnist()
     t0 = time.perf_counter()
     command = " ".join(["python", *sys.argv])
