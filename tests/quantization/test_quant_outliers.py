@@ -79,7 +79,7 @@ def test_smoothing_is_an_identity_in_float(make, folds_into: str) -> None:
         assert not torch.allclose(smoothed.h[0].ln_1.weight, model.h[0].ln_1.weight)
     else:
         v0, v1 = smoothed.encoder.layer[0].attention.self.value, model.encoder.layer[0].attention.self.value
-        assert not torch.allclose(v0.weight, v1.weight) and not torch.allclose(v0.bias, v1.bias)
+        assert not torch.allclose(v0.weight, v1.weight)
 
 
 def test_per_token_scales_round_trip() -> None:
