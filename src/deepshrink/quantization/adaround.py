@@ -45,7 +45,7 @@ def _h(v: torch.Tensor) -> torch.Tensor:
 
 
 def adaround_layer(qlayer: Any, weight: torch.Tensor, x: torch.Tensor, steps: int = 300,
-                   lr: float = 1e-2, reg: float = 0.01) -> float:
+                   lr: float = 0.1, reg: float = 1.0) -> float:
     """Re-choose the rounding of ``qlayer``'s codes (a :class:`QuantizedLayer` with per-channel
     symmetric weights) for float ``weight`` on inputs ``x``; returns the relative output error
     after (hard rounding). Keeps the old codes when they were better."""
@@ -71,6 +71,8 @@ def adaround_layer(qlayer: Any, weight: torch.Tensor, x: torch.Tensor, steps: in
     def dequant(h: torch.Tensor) -> torch.Tensor:
         return (torch.clamp(base + h, qmin - zero, qmax - zero)) * scale
 
+    with torch.no_grad():  # the regularizer is weighed against the error of nearest rounding
+        reg = reg * float(err(qlayer.dense_weight().reshape(w.shape).float()))
     opt = torch.optim.Adam([v], lr=lr)
     warm = steps // 5
     for i in range(steps):
