@@ -103,10 +103,12 @@ def run_model(name: str, original: torch.nn.Module, data: Any, exit_cfg: ExitCon
                               "points": multi.points, "heads": multi.head_specs, "budgets": {}}
     chosen = {}
     for budget in BUDGETS:
-        cal = calibrate(multi, CalibrationConfig(budget=budget), calibration=data, reference=original)
+        cal_cfg = CalibrationConfig(budget=budget, holdout=args.holdout)
+        cal = calibrate(multi, cal_cfg, calibration=data, reference=original)
         rep = evaluate_exits(multi, test_loader, costs=cal.costs)
         chosen[budget] = list(multi.thresholds)
         result["budgets"][str(budget)] = {
+            "calibration": cal_cfg.to_dict(),
             "thresholds": cal.thresholds, "val_top1": cal.val_top1, "val_shares": cal.shares,
             "test": rep.to_dict(), "test_drop_pt": 100 * (orig_test - rep.top1)}
         log(f"{name} budget {budget}: test {100 * rep.top1:.2f} % (drop "
@@ -199,6 +201,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("lenet5", "resnet_small", "latency", "onnx"), action="append")
     ap.add_argument("--no-latency", action="store_true", help="skip timing (run --only latency alone)")
     ap.add_argument("--retrain", action="store_true", help="retrain resnet_small even if committed")
+    ap.add_argument("--holdout", type=float, default=0.5, help="validation share that only checks the budget")
     ap.add_argument("--lenet-epochs", type=int, default=2)
     ap.add_argument("--resnet-epochs", type=int, default=4)
     ap.add_argument("--head-epochs", type=int, default=2)
