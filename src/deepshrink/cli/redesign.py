@@ -11,9 +11,10 @@ from typing import Any
 import torch
 import typer
 
-from deepshrink.checkpoint import load, save
+from deepshrink.checkpoint import save
 from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out
 from deepshrink.cli.core import DATA_DIR, DATASET
+from deepshrink.cli.modelio import data_extra, load_model, model_data
 from deepshrink.errors import ConfigError
 from deepshrink.measure import ResultTable, count_macs, count_params
 
@@ -33,17 +34,16 @@ def _overrides(items: list[str], what: str) -> dict[str, int]:
     return res
 
 
-def _run(path: Path, output: Path, data: str, data_dir: Path | None, transform: Any,
+def _run(path: Path, output: Path, data: str | None, data_dir: Path | None, transform: Any,
          epochs: int, lr: float, no_kd: bool, seed: int, as_json: bool) -> None:
     """Load, rewrite with ``transform(model, bundle, x) -> RedesignReport``, fine-tune, save, report."""
-    from deepshrink.data import load_dataset
     from deepshrink.redesign import recover
     from deepshrink.train import TrainConfig, evaluate
 
     if output.exists() and output.resolve() == path.resolve():
         raise ConfigError(f"--output {output} is the input file", hint="choose another output path")
-    original = load(path)
-    bundle = load_dataset(data, data_dir)
+    original = load_model(path)
+    bundle = model_data(path, data, data_dir)
     x = bundle.test.tensors[0][:1]
     test = bundle.loader("test", 512)
     before = {"params": count_params(original)[0], "macs": count_macs(original, x)[0],
@@ -57,7 +57,7 @@ def _run(path: Path, output: Path, data: str, data_dir: Path | None, transform: 
         recover(model, bundle, tc, teacher=None if no_kd else original)
     after = {"params": count_params(model)[0], "macs": count_macs(model, x)[0],
              "test_top1_before_finetune": fitted, "test_top1": evaluate(model, test)["top1"]}
-    save(model, output, extra={"dataset": bundle.name, "redesign": report.to_dict(),
+    save(model, output, extra={**data_extra(bundle), "redesign": report.to_dict(),
                                "finetune_epochs": epochs, "kd": not no_kd and epochs > 0})
     res = {"input": str(path), "output": str(output), "before": before, "after": after, **report.to_dict()}
     if as_json:
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         ignore: list[str] = typer.Option([], help="Layer-name regex never factorized; repeatable."),
         config: Path | None = typer.Option(None, help="LowRankConfig as JSON/YAML (options override it)."),
         no_speed_check: bool = NO_SPEED,
-        data: str = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
+        data: str | None = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
         no_kd: bool = NO_KD, seed: int = typer.Option(0), as_json: bool = JSON_OPTION,
     ) -> None:
         """Low-rank factorization of Linear/Conv2d layers (truncated SVD / Tucker-2)."""
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         budget: float | None = typer.Option(None, help="Replace layers until MACs are this fraction."),
         config: Path | None = typer.Option(None, help="SeparableConfig as JSON/YAML (options override it)."),
         no_speed_check: bool = NO_SPEED,
-        data: str = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
+        data: str | None = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
         no_kd: bool = NO_KD, seed: int = typer.Option(0), as_json: bool = JSON_OPTION,
     ) -> None:
         """Depthwise-separable substitution of k x k convolutions, fitted on calibration data."""

@@ -115,7 +115,8 @@ def _kwargs_schema(name: str, trust: Iterable[str], where: str) -> Schema:
     raise FormatError(
         f"{where}.name: {name!r} is not a registered model, and a file may not name code to run",
         hint="register it with deepshrink.models.register_model, or if you trust this file, pass "
-             f"trust=[{name.partition(':')[0]!r}] to deepshrink.load" if ":" in name else
+             f"trust=[{name.partition(':')[0]!r}] to deepshrink.load (on the command line: --import "
+             f"{name.partition(':')[0]})" if ":" in name else
         "see deepshrink.list_models()")
 
 
