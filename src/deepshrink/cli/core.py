@@ -122,6 +122,8 @@ def register(app: typer.Typer) -> None:
         check_inputs(net, torch.rand(1, *shape), "inputs", path)
         rep = measure_model(net, torch.rand(1, *shape), name=path.name, file=path,
                             latency_batches=(1, 256) if latency else ())
+        if getattr(net, "onnx_params", None):  # an ONNX graph: weights live in the graph, not torch
+            rep.params = rep.nonzero = net.onnx_params
         from deepshrink.cli.early_exit import exit_summary, print_exit_summary
         from deepshrink.dsz import dsz_info, is_dsz  # .dsz files also show their sections
         from deepshrink.models import get_spec

@@ -167,3 +167,14 @@ def check_inputs(model: Any, example: torch.Tensor, what: str, path: Path | None
                         f"{str(exc).splitlines()[0][:200]}",
                         hint="use data of the shape the model was trained on (--data / --input-shape)"
                         ) from None
+
+
+def onnx_with_record(data: bytes, bundle: DataBundle) -> bytes:
+    """The serialized ONNX model ``data`` with the data record in its metadata."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    del model.metadata_props[:]  # keep one record, ours
+    prop = model.metadata_props.add()
+    prop.key, prop.value = ONNX_META_KEY, json.dumps(data_record(bundle).to_dict())
+    return model.SerializeToString()
