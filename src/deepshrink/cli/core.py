@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         check_inputs(net, first_images(bundle, "train"), f"{bundle.name} images")
         result = train(net, bundle, cfg)
         test = evaluate(net, bundle.loader("test", 512))
-        distributed.on_main(save, net, output, extra={**data_extra(bundle), "train": cfg.to_dict(),
+        distributed.on_main(save, net, output, extra={**data_extra(bundle, data), "train": cfg.to_dict(),
                                                       "test": test})
         res = {"model": model, "output": str(output), "test": test, "history": result.history}
         if as_json:

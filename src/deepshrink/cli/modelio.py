@@ -15,6 +15,7 @@ else comes from ``--model-arg NAME=VALUE`` (repeatable; VALUE is read as JSON, e
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -29,6 +30,7 @@ from deepshrink.errors import ConfigError, DataError, DeepShrinkError
 
 DEFAULT_DATA = "digits"
 ONNX_META_KEY = "deepshrink.data"
+_SOURCES: dict[int, str] = {}  # id(bundle) -> the name it was loaded by (a directory's path)
 
 
 def load_model(path: Path, model: nn.Module | None = None) -> nn.Module:
@@ -92,6 +94,7 @@ def model_data(path: Path, data: str | None, data_dir: Path | None = None) -> Da
                         hint="pass --data with that dataset (or one of the same input shape)") from None
     if rec is not None:
         rec.check(bundle, path.name)
+    _SOURCES[id(bundle)] = name
     return bundle
 
 
@@ -105,9 +108,15 @@ def input_shape(path: Path, option: str | None) -> tuple[int, ...]:
     return rec.input_shape if rec else (1, 28, 28)
 
 
-def data_extra(bundle: DataBundle) -> dict[str, Any]:
-    """The ``extra`` metadata every written model carries: its data record."""
-    return {"data": data_record(bundle).to_dict(), "dataset": bundle.name}
+def data_extra(bundle: DataBundle, source: str | None = None) -> dict[str, Any]:
+    """The ``extra`` metadata every written model carries: its data record. ``source`` is the
+    ``--data`` value it came from: a directory is recorded by its absolute path, so that later
+    commands find it again."""
+    rec = data_record(bundle)
+    source = source or _SOURCES.get(id(bundle))
+    if source is not None and Path(source).is_dir():
+        rec = dataclasses.replace(rec, dataset=str(Path(source).resolve()))
+    return {"data": rec.to_dict(), "dataset": bundle.name}
 
 
 def parse_model_args(items: list[str], json_text: str | None = None) -> dict[str, Any]:

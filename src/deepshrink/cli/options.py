@@ -6,7 +6,8 @@
   The current directory is importable (appended to ``sys.path``, so it never shadows an installed
   package), the way ``python -c`` users expect.
 - ``--threads N``: torch (and ONNX Runtime) threads; default: the physical cores this process may
-  use (``bench/results/cli_threads.json``: more threads than cores is slower, never faster).
+  use, or ``$DEEPSHRINK_THREADS`` (``bench/results/cli_threads.json``: more threads than cores is
+  slower, never faster).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import typer
 from deepshrink.errors import ConfigError, ModelError
 
 MAX_THREADS = 1024
+THREADS_ENV = "DEEPSHRINK_THREADS"  # the default of --threads when set (e.g. 1 in the test suite)
 
 
 @dataclasses.dataclass
@@ -107,7 +109,7 @@ def apply(imports: list[str], threads: int | None) -> None:
         raise ConfigError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     _cwd_importable()
     SESSION.trust = tuple(import_user_code(s) for s in imports)
-    SESSION.threads = threads or physical_cores()
+    SESSION.threads = threads or int(os.environ.get(THREADS_ENV) or 0) or physical_cores()
     torch.set_num_threads(SESSION.threads)
 
 
@@ -131,8 +133,11 @@ def with_common_options(fn: Callable[..., Any], on_error: Callable[[Callable[...
 
     @functools.wraps(fn)
     def wrapper(*args: Any, import_: list[str], threads_: int | None, **kwargs: Any) -> Any:
+        from deepshrink.models import trusting
+
         handle(import_, threads_)
-        return fn(*args, **kwargs)
+        with trusting(SESSION.trust):  # also the files pipelines write and read back
+            return fn(*args, **kwargs)
 
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
     wrapper.__signature__ = sig.replace(parameters=[*params, *_EXTRA])  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ import typer
 from deepshrink.checkpoint import save
 from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out
 from deepshrink.cli.core import DATA_DIR, DATASET
+from deepshrink.cli.guards import FORCE, MAX_DROP, Warnings, check_drop, commit, staged
 from deepshrink.cli.modelio import data_extra, load_model, model_data
 from deepshrink.errors import ConfigError
 from deepshrink.measure import ResultTable, count_macs, count_params
@@ -35,8 +36,10 @@ def _overrides(items: list[str], what: str) -> dict[str, int]:
 
 
 def _run(path: Path, output: Path, data: str | None, data_dir: Path | None, transform: Any,
-         epochs: int, lr: float, no_kd: bool, seed: int, as_json: bool) -> None:
-    """Load, rewrite with ``transform(model, bundle, x) -> RedesignReport``, fine-tune, save, report."""
+         epochs: int, lr: float, no_kd: bool, seed: int, as_json: bool,
+         guard: tuple[float | None, bool] = (None, False)) -> None:
+    """Load, rewrite with ``transform(model, bundle, x) -> RedesignReport``, fine-tune, check the
+    drop against ``guard`` (--max-drop, --force), save, report."""
     from deepshrink.redesign import recover
     from deepshrink.train import TrainConfig, evaluate
 
@@ -57,9 +60,14 @@ def _run(path: Path, output: Path, data: str | None, data_dir: Path | None, tran
         recover(model, bundle, tc, teacher=None if no_kd else original)
     after = {"params": count_params(model)[0], "macs": count_macs(model, x)[0],
              "test_top1_before_finetune": fitted, "test_top1": evaluate(model, test)["top1"]}
-    save(model, output, extra={**data_extra(bundle), "redesign": report.to_dict(),
-                               "finetune_epochs": epochs, "kd": not no_kd and epochs > 0})
-    res = {"input": str(path), "output": str(output), "before": before, "after": after, **report.to_dict()}
+    warns = Warnings()
+    with staged(output, (path,)) as tmp:
+        drop = check_drop(before["test_top1"], after["test_top1"], *guard, output, warns)
+        save(model, tmp, extra={**data_extra(bundle), "redesign": report.to_dict(),
+                                "finetune_epochs": epochs, "kd": not no_kd and epochs > 0})
+        commit(tmp, output)
+    res = {"input": str(path), "output": str(output), "before": before, "after": after,
+           "drop_pt": drop, "warnings": warns, **report.to_dict()}
     if as_json:
         emit_json(res)
         return
@@ -89,7 +97,8 @@ def register(app: typer.Typer) -> None:
         config: Path | None = typer.Option(None, help="LowRankConfig as JSON/YAML (options override it)."),
         no_speed_check: bool = NO_SPEED,
         data: str | None = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
-        no_kd: bool = NO_KD, seed: int = typer.Option(0), as_json: bool = JSON_OPTION,
+        no_kd: bool = NO_KD, seed: int = typer.Option(0), max_drop: float | None = MAX_DROP,
+        force: bool = FORCE, as_json: bool = JSON_OPTION,
     ) -> None:
         """Low-rank factorization of Linear/Conv2d layers (truncated SVD / Tucker-2)."""
         from deepshrink.redesign import LowRankConfig, factorize_report
@@ -102,7 +111,7 @@ def register(app: typer.Typer) -> None:
                            ignore=tuple(ignore) or None, check_speed=False if no_speed_check else None)
         _run(path, output, data, data_dir,
              lambda m, b, x: factorize_report(m, cfg, example_inputs=x, calibration=b),
-             epochs, lr, no_kd, seed, as_json)
+             epochs, lr, no_kd, seed, as_json, (max_drop, force))
 
     @app.command("separable")
     @friendly_errors
@@ -117,7 +126,8 @@ def register(app: typer.Typer) -> None:
         config: Path | None = typer.Option(None, help="SeparableConfig as JSON/YAML (options override it)."),
         no_speed_check: bool = NO_SPEED,
         data: str | None = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
-        no_kd: bool = NO_KD, seed: int = typer.Option(0), as_json: bool = JSON_OPTION,
+        no_kd: bool = NO_KD, seed: int = typer.Option(0), max_drop: float | None = MAX_DROP,
+        force: bool = FORCE, as_json: bool = JSON_OPTION,
     ) -> None:
         """Depthwise-separable substitution of k x k convolutions, fitted on calibration data."""
         from deepshrink.redesign import SeparableConfig, separate_report
@@ -128,7 +138,7 @@ def register(app: typer.Typer) -> None:
                            check_speed=False if no_speed_check else None)
         _run(path, output, data, data_dir,
              lambda m, b, x: separate_report(m, cfg, calibration=b),
-             epochs, lr, no_kd, seed, as_json)
+             epochs, lr, no_kd, seed, as_json, (max_drop, force))
 
 
 def print_rewrites(rows: list[dict[str, Any]]) -> None:

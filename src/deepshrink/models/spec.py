@@ -40,10 +40,12 @@ The validation pass of :func:`build_checked`, before any real tensor is allocate
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -98,9 +100,25 @@ def edit_kinds() -> list[str]:
     return sorted(_EDITS)
 
 
+# Modules trusted by every rebuild in this context (see :func:`trusting`), on top of ``trust=``.
+_TRUSTED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("deepshrink_trusted", default=())
+
+
+@contextlib.contextmanager
+def trusting(modules: Iterable[str]) -> Iterator[None]:
+    """Within the block, every rebuild from a file (``deepshrink.load``, also inside pipelines
+    that reload the files they write) trusts ``modules`` as if passed ``trust=``. The command
+    line's ``--import`` uses it: naming your code is the opt-in."""
+    token = _TRUSTED.set((*_TRUSTED.get(), *modules))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
 def _trusted(name: str, trust: Iterable[str]) -> bool:
     module = name.partition(":")[0]
-    return any(module == t or module.startswith(t.rstrip(".") + ".") for t in trust)
+    return any(module == t or module.startswith(t.rstrip(".") + ".") for t in (*trust, *_TRUSTED.get()))
 
 
 def _kwargs_schema(name: str, trust: Iterable[str], where: str) -> Schema:
