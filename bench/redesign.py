@@ -44,9 +44,9 @@ from deepshrink.models import create_model
 from deepshrink.redesign import (
     LowRankConfig,
     SeparableConfig,
-    factorize_report,
+    factorize_with_report,
     recover,
-    separate_report,
+    separate_with_report,
 )
 from deepshrink.redesign import common as rd_common
 from deepshrink.redesign import lowrank as rd_lowrank
@@ -103,14 +103,14 @@ def lowrank_lenet300(args: argparse.Namespace) -> dict[str, Any]:
     curve, energy_curve = [], []
     for e in (0.5, 0.7, 0.8, 0.9, 0.95):  # kept energy, no fine-tuning: what the SVD alone keeps
         m = copy.deepcopy(base)
-        rep = factorize_report(m, LowRankConfig(energy=e, check_speed=False), example_inputs=x)
+        rep = factorize_with_report(m, LowRankConfig(energy=e, check_speed=False), example_inputs=x)
         energy_curve.append({"energy": e, "ranks": {r.name: r.rank for r in rep.rewritten},
                              **_point(m, data, bp, x)})
     best = None
     for budget in LENET_BUDGETS:
         m = copy.deepcopy(base)
         cfg = LowRankConfig(budget=budget, calibration_batches=8, speed_batch=256)
-        rep = factorize_report(m, cfg, calibration=data)
+        rep = factorize_with_report(m, cfg, calibration=data)
         before = _acc(m, data, "val")
         recover(m, data, LENET_FT, teacher=base, kd=KD)
         row = {"budget": budget, "ranks": {r.name: r.rank for r in rep.rewritten},
@@ -125,7 +125,8 @@ def lowrank_lenet300(args: argparse.Namespace) -> dict[str, Any]:
             best = (row, m)
     # The KD switch: the same budget recovered with plain cross-entropy.
     m = copy.deepcopy(base)
-    factorize_report(m, LowRankConfig(budget=0.2, calibration_batches=8, speed_batch=256), calibration=data)
+    factorize_with_report(m, LowRankConfig(budget=0.2, calibration_batches=8, speed_batch=256),
+                          calibration=data)
     recover(m, data, LENET_FT)
     no_kd = {"budget": 0.2, **_point(m, data, bp, x)}
     out: dict[str, Any] = {"baseline": base_row, "energy_no_finetune": energy_curve, "budget_curve": curve,
@@ -158,7 +159,7 @@ def mlp_seed(args: argparse.Namespace) -> dict[str, Any]:
     for rank in (32, 16, 8, 4):
         m = copy.deepcopy(base)
         cfg = LowRankConfig(rank=rank, ignore=("4",), check_speed=False)
-        rep = factorize_report(m, cfg, example_inputs=x)
+        rep = factorize_with_report(m, cfg, example_inputs=x)
         fitted = _acc(m, data, "test")
         recover(m, data, TrainConfig(epochs=20, batch_size=64, lr=1e-3, keep_best=True, seed=0,
                                      progress=False), teacher=base, kd=KD)
@@ -237,7 +238,7 @@ def separable(args: argparse.Namespace) -> dict[str, Any]:
     base = load(RESULTS / f"{CNN}.safetensors")
     sep = copy.deepcopy(base)
     cfg = SeparableConfig(calibration_batches=8, speed_batch=256)
-    rep = separate_report(sep, cfg, calibration=data)
+    rep = separate_with_report(sep, cfg, calibration=data)
     fitted_val = _acc(sep, data, "val")
     print(f"  fitted (no fine-tuning): val {100 * fitted_val:.2f}%", flush=True)
     # A short recovery: the least-squares fit already keeps most of the accuracy, and on the
@@ -318,7 +319,7 @@ def bert(args: argparse.Namespace) -> dict[str, Any]:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     model = copy.deepcopy(base)
     cfg = LowRankConfig(rank=64, ignore=(r"pooler\..*",), speed_batch=8)
-    rep = factorize_report(model, cfg, example_inputs=inputs)
+    rep = factorize_with_report(model, cfg, example_inputs=inputs)
     ref, out = forward(base, inputs), forward(model, inputs)
     with tempfile.TemporaryDirectory() as tmp:
         back = load(save(model, Path(tmp) / "bert-lowrank.safetensors"))

@@ -17,11 +17,12 @@ import numbers
 import re
 import types
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from deepshrink.errors import ConfigError
+from deepshrink.errors import ConfigError, DeepShrinkWarning
 
 C = TypeVar("C", bound="Config")
 T = TypeVar("T")
@@ -248,3 +249,15 @@ def unmatched_patterns(names: Iterable[str], patterns: Iterable[str]) -> list[st
     """The patterns that match none of ``names`` (a typo in ``ignore`` or ``overrides``)."""
     names = list(names)
     return [p for p in patterns if not any(name_matches(n, (p,)) for n in names)]
+
+
+def warn_unmatched(cls_name: str, names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """Warn (DeepShrinkWarning) about patterns that match none of ``names``; returns them.
+
+    A warning rather than an error, because one recipe is often applied to several models and a
+    pattern may legitimately name a layer only some of them have."""
+    typos = unmatched_patterns(names, patterns)
+    if typos:
+        warnings.warn(f"{cls_name}: pattern(s) {typos} match no layer (typo?)", DeepShrinkWarning,
+                      stacklevel=3)
+    return typos

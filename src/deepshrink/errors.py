@@ -33,6 +33,11 @@ class ModelError(DeepShrinkError):
     """A model cannot be built, traced or edited as asked."""
 
 
+class DeepShrinkWarning(UserWarning):
+    """A result or config that works but is probably not what the user meant (a pattern that
+    matches no layer, a model that got slower). Filter with ``warnings.simplefilter``."""
+
+
 class OutputError(DeepShrinkError, OSError):
     """An output cannot be written (no such directory, disk full, would replace an input).
     Also an OSError, so callers that guard file writes with ``except OSError`` still catch it."""

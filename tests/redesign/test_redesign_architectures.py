@@ -13,7 +13,13 @@ from torch import nn
 import deepshrink
 from deepshrink.modeling import forward
 from deepshrink.models import create_model
-from deepshrink.redesign import LowRankConfig, SeparableConfig, factorize_report, lowrank, separate_report
+from deepshrink.redesign import (
+    LowRankConfig,
+    SeparableConfig,
+    factorize_with_report,
+    lowrank,
+    separate_with_report,
+)
 
 
 class UserNet(nn.Module):
@@ -54,7 +60,7 @@ def _full_rank(model: nn.Module, x) -> None:
     """Every candidate at its full rank: the transform must be exact."""
     cfg = LowRankConfig(rank=1 << 20, check_speed=False)
     # full rank never pays in size, so rewrite directly through the same factor code
-    rep = factorize_report(model, cfg, example_inputs=x)
+    rep = factorize_with_report(model, cfg, example_inputs=x)
     assert not rep.rewritten  # full rank costs more than the layer: every candidate is skipped
     for r in rep.layers:
         if "does not pay" not in r.reason:
@@ -80,10 +86,10 @@ def test_truncated_rewrites_keep_the_interface_and_reload(tmp_path, name):
     torch.manual_seed(0)
     model, x = MODELS[name]()
     ref = forward(model, x)
-    rep = factorize_report(model, LowRankConfig(rank=2, check_speed=False), example_inputs=x)
+    rep = factorize_with_report(model, LowRankConfig(rank=2, check_speed=False), example_inputs=x)
     assert rep.rewritten, [r.reason for r in rep.layers]
     if any(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and m.groups == 1 for m in model.modules()):
-        srep = separate_report(model, SeparableConfig(check_speed=False), example_inputs=x)
+        srep = separate_with_report(model, SeparableConfig(check_speed=False), example_inputs=x)
         assert srep.rewritten
     out = forward(model, x)
     assert out.shape == ref.shape and torch.isfinite(out).all()

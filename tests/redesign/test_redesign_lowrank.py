@@ -8,7 +8,7 @@ from torch import nn
 
 from deepshrink.errors import ConfigError
 from deepshrink.models import create_model
-from deepshrink.redesign import LowRankConfig, factorize, factorize_report, lowrank
+from deepshrink.redesign import LowRankConfig, factorize, factorize_with_report, lowrank
 
 
 def test_full_rank_svd_reproduces_the_linear_layer():
@@ -54,7 +54,7 @@ def test_layer_that_would_not_pay_is_skipped_and_named():
     x = torch.rand(4, 1, 8, 8)
     # rank 40: 64x300 -> 40*(364) = 14560 < 19200 pays; 300x100 -> 16000 < 30000 pays;
     # 100x10 -> 40 > break-even 9.1: bigger, skipped.
-    rep = factorize_report(model, LowRankConfig(rank=40, check_speed=False), example_inputs=x)
+    rep = factorize_with_report(model, LowRankConfig(rank=40, check_speed=False), example_inputs=x)
     by = {r.name: r for r in rep.layers}
     assert by["2"].action == "linear" and by["4"].action == "linear"
     assert by["6"].action == "skipped" and "does not pay" in by["6"].reason and "9.1" in by["6"].reason
@@ -66,7 +66,8 @@ def test_layer_that_would_not_pay_is_skipped_and_named():
 def test_slower_layer_is_skipped_by_the_speed_check():
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     # Demanding an impossible speedup makes every layer "not faster": the check is what skips.
-    rep = factorize_report(model, LowRankConfig(rank=2, min_speedup=1e6), example_inputs=torch.randn(2, 32))
+    rep = factorize_with_report(model, LowRankConfig(rank=2, min_speedup=1e6),
+                                example_inputs=torch.randn(2, 32))
     assert not rep.rewritten
     assert all("not faster" in r.reason for r in rep.layers if r.name == "0")
     assert isinstance(model[0], nn.Linear)
@@ -76,11 +77,11 @@ def test_ignore_overrides_and_targets():
     model = create_model("lenet5", in_size=16)
     x = torch.rand(2, 1, 16, 16)
     cfg = LowRankConfig(rank=4, overrides={r"[68]": 3}, ignore=("1",), check_speed=False)
-    rep = factorize_report(model, cfg, example_inputs=x)
+    rep = factorize_with_report(model, cfg, example_inputs=x)
     by = {r.name: r for r in rep.layers}
     assert by["1"].reason == "ignored by the config"
     assert by["6"].rank == [3] and by["3"].rank == [4]
-    rep2 = factorize_report(create_model("lenet5", in_size=16),
+    rep2 = factorize_with_report(create_model("lenet5", in_size=16),
                             LowRankConfig(rank=4, targets=("linear",), check_speed=False), example_inputs=x)
     assert {r.op for r in rep2.layers} == {"linear"}
 
@@ -93,7 +94,7 @@ def test_budget_search_reaches_the_parameter_budget_and_prefers_insensitive_laye
         model[0].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 64) / 8)
     x = torch.randn(128, 64)
     total = sum(p.numel() for p in model.parameters())
-    rep = factorize_report(model, LowRankConfig(budget=0.6, check_speed=False), calibration=x)
+    rep = factorize_with_report(model, LowRankConfig(budget=0.6, check_speed=False), calibration=x)
     after = sum(p.numel() for p in model.parameters())
     assert after <= 0.6 * total
     by = {r.name: r for r in rep.layers}

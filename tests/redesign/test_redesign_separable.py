@@ -9,7 +9,7 @@ from torch import nn
 from deepshrink.errors import ConfigError
 from deepshrink.measure import count_macs
 from deepshrink.models import create_model
-from deepshrink.redesign import SeparableConfig, dwsep, separate, separate_report
+from deepshrink.redesign import SeparableConfig, dwsep, separate, separate_with_report
 
 
 @pytest.mark.parametrize("o,i,k,hw", [(32, 16, 3, 10), (64, 8, 5, 9)])
@@ -61,7 +61,7 @@ def test_separate_replaces_eligible_convs_and_reports_the_rest():
     torch.manual_seed(0)
     model = create_model("resnet_small", in_size=8, widths=(8, 16), blocks=1)
     x = torch.rand(8, 1, 8, 8)
-    rep = separate_report(model, SeparableConfig(check_speed=False), example_inputs=x)
+    rep = separate_with_report(model, SeparableConfig(check_speed=False), example_inputs=x)
     by = {r.name: r for r in rep.layers}
     assert by["layers.1.shortcut.0"].reason == "1x1 conv (already pointwise)"
     # the stem conv (1 input channel, 8 outputs): 9 + 8 + ... vs 72 weights: pays in size
@@ -76,20 +76,21 @@ def test_layers_list_budget_and_ignore():
     torch.manual_seed(0)
     x = torch.rand(8, 1, 16, 16)
     model = create_model("vgg_small", in_size=16, width=8, hidden=16)
-    rep = separate_report(model, SeparableConfig(layers=("4", "8"), ignore=("8",), check_speed=False),
+    rep = separate_with_report(model, SeparableConfig(layers=("4", "8"), ignore=("8",), check_speed=False),
                           example_inputs=x)
     assert [r.name for r in rep.rewritten] == ["4"]
     assert {r.name: r.reason for r in rep.skipped}["8"] == "ignored by the config"
     model = create_model("vgg_small", in_size=16, width=8, hidden=16)
     total = count_macs(model, x[:1])[0]
-    rep = separate_report(model, SeparableConfig(budget=0.6, check_speed=False), example_inputs=x)
+    rep = separate_with_report(model, SeparableConfig(budget=0.6, check_speed=False), example_inputs=x)
     assert count_macs(model, x[:1])[0] <= 0.6 * total
     assert any(r.reason == "not needed to reach the budget" for r in rep.skipped) or len(rep.rewritten) == 4
 
 
 def test_speed_check_skips_a_pair_that_is_not_faster():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
-    rep = separate_report(model, SeparableConfig(min_speedup=1e6), example_inputs=torch.randn(2, 3, 8, 8))
+    rep = separate_with_report(model, SeparableConfig(min_speedup=1e6),
+                               example_inputs=torch.randn(2, 3, 8, 8))
     assert not rep.rewritten and "not faster" in rep.layers[0].reason
 
 

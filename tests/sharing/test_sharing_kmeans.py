@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deepshrink.data import load_digits
-from deepshrink.errors import ConfigError, ModelError
+from deepshrink.errors import ConfigError, DeepShrinkWarning, ModelError
 from deepshrink.models import create_model
 from deepshrink.sharing import (
     CentroidFineTune,
@@ -75,7 +75,7 @@ def _pruned_lenet() -> nn.Module:
 def test_share_keeps_zeros_and_uses_the_codebook() -> None:
     m = _pruned_lenet()
     zeros = {n: (p == 0).clone() for n, p in m.named_parameters()}
-    share(m, KMeansConfig(bits=3, bias_bits=2, overrides={"6.weight": 4}))
+    share(m, KMeansConfig(bits=3, bias_bits=2, overrides={"6": 4}))
     sharing = get_sharing(m)
     assert set(sharing) == {"2.weight", "2.bias", "4.weight", "4.bias", "6.weight"}  # 6.bias < min_size
     for name, p in m.named_parameters():
@@ -90,7 +90,7 @@ def test_share_keeps_zeros_and_uses_the_codebook() -> None:
 
 
 def test_share_conv_bits_and_config_round_trip() -> None:
-    cfg = KMeansConfig(bits=4, conv_bits=6, init="density", overrides={"1.*": 0})
+    cfg = KMeansConfig(bits=4, conv_bits=6, init="density", ignore=("1",), overrides={"6": 4})
     assert KMeansConfig.from_json(cfg.to_json()) == cfg
     m = create_model("lenet5", in_size=16)
     share(m, cfg)
@@ -99,7 +99,20 @@ def test_share_conv_bits_and_config_round_trip() -> None:
     with pytest.raises(ConfigError, match="init"):
         KMeansConfig(init="kmeans++")
     with pytest.raises(ModelError):
-        share(create_model("lenet300", in_size=8), KMeansConfig(overrides={"*": 0}))
+        share(create_model("lenet300", in_size=8), KMeansConfig(ignore=(".*",)))
+
+
+def test_share_speaks_the_module_name_vocabulary() -> None:
+    """``ignore``/``overrides`` name modules by regex (full match), as every other config does."""
+    m = create_model("lenet300", in_size=8)
+    share(m, KMeansConfig(bits=3, overrides={"[46]": 2}, ignore=("2",)))
+    s = get_sharing(m)
+    assert "2.weight" not in s and "2.bias" not in s  # ignored module: weight and bias stay float
+    assert len(s["4.weight"].codebook) == 4 and len(s["4.bias"].codebook) == 32
+    with pytest.warns(DeepShrinkWarning, match="nope"):
+        share(create_model("lenet300", in_size=8), KMeansConfig(overrides={"nope": 2}))
+    with pytest.raises(ConfigError, match="ignore"):
+        KMeansConfig(ignore=("(",))
 
 
 def test_centroid_gradient_is_the_per_cluster_sum() -> None:

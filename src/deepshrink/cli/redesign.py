@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         force: bool = FORCE, as_json: bool = JSON_OPTION,
     ) -> None:
         """Low-rank factorization of Linear/Conv2d layers (truncated SVD / Tucker-2)."""
-        from deepshrink.redesign import LowRankConfig, factorize_report
+        from deepshrink.redesign import LowRankConfig, factorize_with_report
 
         cfg = LowRankConfig.from_file(config) if config else LowRankConfig()
         if rank is not None or energy is not None or budget is not None:
@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         cfg = cfg.override(budget_metric=metric, conv=conv, overrides=_overrides(override, "RANK") or None,
                            ignore=tuple(ignore) or None, check_speed=False if no_speed_check else None)
         _run(path, output, data, data_dir,
-             lambda m, b, x: factorize_report(m, cfg, example_inputs=x, calibration=b),
+             lambda m, b, x: factorize_with_report(m, cfg, example_inputs=x, calibration=b),
              epochs, lr, no_kd, seed, as_json, (max_drop, force))
 
     @app.command("separable")
@@ -130,14 +130,14 @@ def register(app: typer.Typer) -> None:
         force: bool = FORCE, as_json: bool = JSON_OPTION,
     ) -> None:
         """Depthwise-separable substitution of k x k convolutions, fitted on calibration data."""
-        from deepshrink.redesign import SeparableConfig, separate_report
+        from deepshrink.redesign import SeparableConfig, separate_with_report
 
         cfg = SeparableConfig.from_file(config) if config else SeparableConfig()
         cfg = cfg.override(multiplier=multiplier, between=between, layers=tuple(layer) or None,
                            ignore=tuple(ignore) or None, budget=budget,
                            check_speed=False if no_speed_check else None)
         _run(path, output, data, data_dir,
-             lambda m, b, x: separate_report(m, cfg, calibration=b),
+             lambda m, b, x: separate_with_report(m, cfg, calibration=b),
              epochs, lr, no_kd, seed, as_json, (max_drop, force))
 
 

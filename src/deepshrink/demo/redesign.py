@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from deepshrink.checkpoint import save
 from deepshrink.demo.context import DemoContext
-from deepshrink.redesign import LowRankConfig, factorize_report, recover
+from deepshrink.redesign import LowRankConfig, factorize_with_report, recover
 from deepshrink.train import TrainConfig
 
 
@@ -13,7 +13,7 @@ def demo_stage(ctx: DemoContext) -> None:
     original = ctx.fresh_baseline()
     model = ctx.fresh_baseline()
     cfg = LowRankConfig(budget=0.33, calibration_batches=8)
-    report = factorize_report(model, cfg, calibration=ctx.data)
+    report = factorize_with_report(model, cfg, calibration=ctx.data)
     tc = TrainConfig(epochs=5 if ctx.quick else 15, batch_size=64, lr=1e-3, seed=0, progress=False)
     recover(model, ctx.data, tc, teacher=original)
     path = save(model, ctx.out_dir / "lowrank.safetensors",

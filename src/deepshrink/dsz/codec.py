@@ -21,6 +21,7 @@ fixed-width. The writer tries the index codings and keeps the smallest per tenso
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -262,29 +263,43 @@ def decode_tensor(rec: dict[str, Any], c: Container, where: str
     dtype_name = rec.get("dtype")
     if dtype_name not in DTYPES:
         raise FormatError(f"{where}: unknown dtype {dtype_name!r:.40}")
-    dtype = DTYPES[dtype_name]
     index, values = _obj(rec, "index", where), _obj(rec, "values", where)
-    ikind, vkind = index.get("kind"), values.get("kind")
     order = index.get("order", "C")
     if order not in ("C", "F"):
         raise FormatError(f"{where}: index order must be 'C' or 'F', got {order!r:.20}")
+    pos, nnz = _decode_positions(index, shape, numel, order, c, where)
+    vkind = values.get("kind")
+    if vkind == "raw":
+        return _decode_raw(values, DTYPES[dtype_name], shape, pos, nnz, order, c, where), None
+    if vkind != "shared":
+        raise FormatError(f"{where}: unknown values kind {vkind!r:.40}")
+    if not DTYPES[dtype_name].is_floating_point:
+        raise FormatError(f"{where}: shared values need a float dtype, got {dtype_name}")
+    shared = _decode_shared(values, shape, pos, nnz, order, c, where)
+    return shared.weight().to(DTYPES[dtype_name]), shared
 
-    def stream(sid: Any, field: str, count: int, alphabet: int) -> np.ndarray:
-        data, off = c.section(sid, f"{where}.{field}")
-        out = decode_stream(data, where=f"{c.where}: {where}.{field} (section {sid})", base=off,
-                            max_count=count)
-        if len(out) != count:
-            raise FormatError(f"{c.where}: {where}.{field} (section {sid}) at offset {off} holds "
-                              f"{len(out)} symbols, expected {count}")
-        head_alpha = int(out.max()) + 1 if len(out) else 0
-        if head_alpha > alphabet:
-            raise FormatError(f"{c.where}: {where}.{field} (section {sid}) has symbol "
-                              f"{head_alpha - 1} outside [0, {alphabet})")
-        return out
 
+def _stream(c: Container, sid: Any, field: str, count: int, alphabet: int) -> np.ndarray:
+    """Exactly ``count`` symbols, each below ``alphabet``, from section ``sid``."""
+    data, off = c.section(sid, field)
+    out = decode_stream(data, where=f"{c.where}: {field} (section {sid})", base=off, max_count=count)
+    if len(out) != count:
+        raise FormatError(f"{c.where}: {field} (section {sid}) at offset {off} holds "
+                          f"{len(out)} symbols, expected {count}")
+    head_alpha = int(out.max()) + 1 if len(out) else 0
+    if head_alpha > alphabet:
+        raise FormatError(f"{c.where}: {field} (section {sid}) has symbol "
+                          f"{head_alpha - 1} outside [0, {alphabet})")
+    return out
+
+
+def _decode_positions(index: dict[str, Any], shape: tuple[int, ...], numel: int, order: str,
+                      c: Container, where: str) -> tuple[np.ndarray | None, int]:
+    """(scan positions of the stored values, their count); ``None`` positions means all of them."""
+    ikind = index.get("kind")
     if ikind == "dense":
-        pos, nnz = None, numel
-    elif ikind == "relative":
+        return None, numel
+    if ikind == "relative":
         bits = _int(index, "bits", 1, max(REL_BITS), f"{where}.index")
         nnz = _int(index, "nnz", 0, numel, f"{where}.index")
         m = (1 << bits) - 1
@@ -294,35 +309,38 @@ def decode_tensor(rec: dict[str, Any], c: Container, where: str
         pos = relative_decode(sym, bits, numel, f"{c.where}: {where}.index")
         if len(pos) != nnz:
             raise FormatError(f"{c.where}: {where}.index decodes {len(pos)} positions, nnz says {nnz}")
-    elif ikind == "csr":
+        return pos, nnz
+    if ikind == "csr":
         nnz = _int(index, "nnz", 0, numel, f"{where}.index")
         rows, cols = scan_shape(shape, order)
-        counts = stream(index.get("counts"), "index.counts", rows, cols + 1)
-        columns = stream(index.get("cols"), "index.cols", nnz, max(cols, 1))
-        pos = csr_decode(counts, columns, rows, cols, f"{c.where}: {where}.index")
-    else:
-        raise FormatError(f"{where}: unknown index kind {ikind!r:.40}")
+        counts = _stream(c, index.get("counts"), f"{where}.index.counts", rows, cols + 1)
+        columns = _stream(c, index.get("cols"), f"{where}.index.cols", nnz, max(cols, 1))
+        return csr_decode(counts, columns, rows, cols, f"{c.where}: {where}.index"), nnz
+    raise FormatError(f"{where}: unknown index kind {ikind!r:.40}")
 
-    shared = None
-    if vkind == "raw":
-        data, off = c.section(values.get("data"), f"{where}.values.data")
-        item = torch.empty(0, dtype=dtype).element_size()
-        if len(data) != nnz * item:
-            raise FormatError(f"{c.where}: {where}.values (file offset {off}) has {len(data)} bytes, "
-                              f"expected {nnz} x {item}")
-        vals = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype) if data else \
-            torch.empty(0, dtype=dtype)
-        if dtype == torch.bool and data and max(data) > 1:
-            raise FormatError(f"{c.where}: {where}.values (file offset {off}): bool bytes must be 0/1")
-        if pos is None:
-            return vals.reshape(shape).clone(), None
-        out = torch.zeros(numel, dtype=dtype)
-        out[torch.from_numpy(pos)] = vals
-        return _unscan(out, shape, order), None
-    if vkind != "shared":
-        raise FormatError(f"{where}: unknown values kind {vkind!r:.40}")
-    if not dtype.is_floating_point:
-        raise FormatError(f"{where}: shared values need a float dtype, got {dtype_name}")
+
+def _decode_raw(values: dict[str, Any], dtype: torch.dtype, shape: tuple[int, ...],
+                pos: np.ndarray | None, nnz: int, order: str, c: Container, where: str) -> torch.Tensor:
+    """A tensor whose stored values are raw element bytes at ``pos`` (zeros elsewhere)."""
+    data, off = c.section(values.get("data"), f"{where}.values.data")
+    item = torch.empty(0, dtype=dtype).element_size()
+    if len(data) != nnz * item:
+        raise FormatError(f"{c.where}: {where}.values (file offset {off}) has {len(data)} bytes, "
+                          f"expected {nnz} x {item}")
+    vals = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype) if data else \
+        torch.empty(0, dtype=dtype)
+    if dtype == torch.bool and data and max(data) > 1:
+        raise FormatError(f"{c.where}: {where}.values (file offset {off}): bool bytes must be 0/1")
+    if pos is None:
+        return vals.reshape(shape).clone()
+    out = torch.zeros(math.prod(shape), dtype=dtype)
+    out[torch.from_numpy(pos)] = vals
+    return _unscan(out, shape, order)
+
+
+def _decode_shared(values: dict[str, Any], shape: tuple[int, ...], pos: np.ndarray | None, nnz: int,
+                   order: str, c: Container, where: str) -> SharedTensor:
+    """Codebook + cluster indices (``-1`` for pruned positions) of a shared tensor."""
     k = _int(values, "k", 1, MAX_CLUSTERS, f"{where}.values")
     cb_dtype = values.get("cb_dtype")
     if cb_dtype not in ("float32", "float16"):
@@ -335,17 +353,17 @@ def decode_tensor(rec: dict[str, Any], c: Container, where: str
     book = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(DTYPES[cb_dtype]).float()
     if not torch.isfinite(book).all():
         raise FormatError(f"{c.where}: {where} codebook (file offset {off}) holds non-finite values")
-    if pos is None:
-        sym = stream(values.get("symbols"), "values.symbols", numel, k + 1).astype(np.int64)
+    numel = math.prod(shape)
+    field = f"{where}.values.symbols"
+    if pos is None:  # dense: symbol k marks a pruned zero
+        sym = _stream(c, values.get("symbols"), field, numel, k + 1).astype(np.int64)
         idx = np.where(sym == k, -1, sym)
     else:
-        sym = stream(values.get("symbols"), "values.symbols", nnz, k).astype(np.int64)
+        sym = _stream(c, values.get("symbols"), field, nnz, k).astype(np.int64)
         idx = np.full(numel, -1, np.int64)
         idx[pos] = sym
         idx = from_scan(idx, shape, order) if order == "F" else idx
-    index_t = torch.from_numpy(np.ascontiguousarray(idx).reshape(shape))
-    shared = SharedTensor(book, index_t)
-    return shared.weight().to(dtype), shared
+    return SharedTensor(book, torch.from_numpy(np.ascontiguousarray(idx).reshape(shape)))
 
 
 def _stream_any_count(c: Container, sid: Any, field: str, max_count: int) -> np.ndarray:

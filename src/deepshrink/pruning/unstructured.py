@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import torch
 from torch import nn
 
-from deepshrink.config import Config, check
+from deepshrink.config import Config, check, check_patterns, name_matches, override_for, warn_unmatched
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.pruning.masks import Masks, apply_masks, get_masks
 
@@ -72,23 +71,19 @@ class UnstructuredConfig(Config):
               f"{self.ratio} exceeds max_layer_ratio={self.max_layer_ratio}: global pruning cannot reach it")
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         check(not bad, n, "layer_types", f"unknown layer type(s) {bad}; known: {sorted(LAYER_TYPES)}")
+        check_patterns(n, "overrides", self.overrides)
+        check_patterns(n, "ignore", self.ignore)
         for key, amount in self.overrides.items():
-            _compile(key, n, "overrides")
             if self.method == "magnitude":
                 check(0.0 <= amount < 1.0, n, f"overrides[{key!r}]", f"must be in [0, 1), got {amount!r}")
             else:
                 check(amount >= 0, n, f"overrides[{key!r}]", f"must be >= 0, got {amount!r}")
-        for key in self.ignore:
-            _compile(key, n, "ignore")
 
     def amount_for(self, name: str) -> float | None:
         """The override for module ``name`` (exact name first, then the first matching regex)."""
         if name in self.overrides:
             return self.overrides[name]
-        for key, amount in self.overrides.items():
-            if re.fullmatch(key, name):
-                return amount
-        return None
+        return override_for(name, self.overrides, None)
 
     def default_amount(self) -> float:
         return {"magnitude": self.ratio, "threshold": self.threshold or 0.0,
@@ -118,14 +113,6 @@ class UnstructuredConfig(Config):
             overrides={k: v * f for k, v in self.overrides.items()})
 
 
-def _compile(pattern: str, cls_name: str, field: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        check(False, cls_name, field, f"{pattern!r} is not a valid regular expression: {exc}")
-        raise  # unreachable: check raised
-
-
 def select_layers(model: nn.Module, cfg: UnstructuredConfig) -> dict[str, nn.Module]:
     """Module name -> layer for every layer the config prunes, in model order."""
     types = tuple(LAYER_TYPES[t] for t in cfg.layer_types)
@@ -133,9 +120,7 @@ def select_layers(model: nn.Module, cfg: UnstructuredConfig) -> dict[str, nn.Mod
               if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)}
     if cfg.skip_last and layers:
         layers.pop(list(layers)[-1])
-    for key in cfg.ignore:
-        layers = {n: m for n, m in layers.items() if n != key and not re.fullmatch(key, n)}
-    return layers
+    return {n: m for n, m in layers.items() if not name_matches(n, cfg.ignore)}
 
 
 def weight_name(module_name: str) -> str:
@@ -202,6 +187,7 @@ def masks_for_threshold(scores: dict[str, torch.Tensor], thresholds: dict[str, f
 def compute_masks(model: nn.Module, cfg: UnstructuredConfig) -> Masks:
     """The masks ``cfg`` asks for on ``model`` (weights untouched)."""
     layers = select_layers(model, cfg)
+    warn_unmatched(type(cfg).__name__, (n for n, _ in model.named_modules()), [*cfg.ignore, *cfg.overrides])
     if not layers:
         raise ModelError(f"no layers of types {list(cfg.layer_types)} to prune in "
                          f"{type(model).__name__}", hint="check layer_types / ignore / skip_last")

@@ -17,14 +17,13 @@ writes a rebuildable file and ``deepshrink.load`` reads it back.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from deepshrink.config import Config, check
+from deepshrink.config import Config, check, check_patterns, name_matches, override_for, warn_unmatched
 from deepshrink.errors import DataError
 from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, output_tensor, set_submodule
 from deepshrink.models import record_edit, register_edit
@@ -132,30 +131,9 @@ class PTQConfig(Config):
                   f"must lie within candidate_bits {self.candidate_bits}, got {self.target_bits}")
 
     def spec_for(self, name: str, bits: int | None = None) -> QuantSpec:
-        return QuantSpec(bits=bits or bits_for(name, self.bits, self.overrides),
+        return QuantSpec(bits=bits or override_for(name, self.overrides, self.bits),
                          symmetric=self.symmetric, granularity=self.granularity,
                          group_size=self.group_size)
-
-
-def name_matches(name: str, patterns: Iterable[str]) -> bool:
-    """True when ``name`` equals one of ``patterns`` or matches it as a regex (full match)."""
-    return any(name == p or re.fullmatch(p, name) for p in patterns)
-
-
-def check_patterns(cls_name: str, field: str, patterns: Iterable[str]) -> None:
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            check(False, cls_name, field, f"bad regex {p!r}: {exc}")
-
-
-def bits_for(name: str, default: int, overrides: dict[str, int]) -> int:
-    """Per-layer bits: the first regex in ``overrides`` that fully matches ``name`` wins."""
-    for pat, b in overrides.items():
-        if name_matches(name, (pat,)):
-            return b
-    return default
 
 
 def quantizable_layers(model: nn.Module, ignore: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
@@ -250,6 +228,7 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     if calibration is None and example_inputs is not None:
         calibration = [example_inputs]
     layers = quantizable_layers(model, cfg.ignore)
+    warn_unmatched(type(cfg).__name__, (n for n, _ in model.named_modules()), [*cfg.ignore, *cfg.overrides])
     batches = _batches(cfg, calibration)
     prep = None
     if cfg.mode == "static" and cfg.fold and batches:
@@ -266,7 +245,7 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     floats = dict(layers)
     granularity = _act_granularity(layers, stats, smooth, cfg)
     for name, layer in layers:
-        spec = cfg.spec_for(name, bits_for(name, cfg.bits, layer_bits))
+        spec = cfg.spec_for(name, override_for(name, layer_bits, cfg.bits))
         a_in, a_out = acts.get(name, (None, None))
         q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out,
                                       act_granularity=granularity.get(name, "tensor"),

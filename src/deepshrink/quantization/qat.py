@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepshrink.config import Config, check
+from deepshrink.config import Config, check, override_for, warn_unmatched
 from deepshrink.modeling import call, eval_mode, set_submodule
 from deepshrink.models import record_edit
 from deepshrink.quantization.core import QuantSpec, validate_bits
@@ -27,7 +27,7 @@ from deepshrink.quantization.modules import (
     WeightFakeQuant,
     float_weight,
 )
-from deepshrink.quantization.ptq import bits_for, need_batches, quantizable_layers, validate_weight_fields
+from deepshrink.quantization.ptq import need_batches, quantizable_layers, validate_weight_fields
 
 
 @dataclasses.dataclass
@@ -65,6 +65,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, *, example_in
     (required with ``lsq`` and ``act_bits``,
     whose learned scales must exist before the optimizer is built)."""
     cfg = config or QATConfig()
+    warn_unmatched(type(cfg).__name__, (n for n, _ in model.named_modules()), [*cfg.ignore, *cfg.overrides])
     if calibration is None and example_inputs is not None:
         calibration = [example_inputs]
     if cfg.fold and calibration is not None:
@@ -72,7 +73,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, *, example_in
         record_edit(model, fold_edit(fold_batchnorm(model, example_inputs=first)))
     acts: list[ActFakeQuant] = []
     for name, layer in quantizable_layers(model, cfg.ignore):
-        spec = QuantSpec(bits=bits_for(name, cfg.bits, cfg.overrides), symmetric=cfg.symmetric,
+        spec = QuantSpec(bits=override_for(name, cfg.overrides, cfg.bits), symmetric=cfg.symmetric,
                          granularity=cfg.granularity, group_size=cfg.group_size)
         wq = WeightFakeQuant(spec, cfg.weight_range, cfg.lsq)
         wq.init_from(float_weight(layer))

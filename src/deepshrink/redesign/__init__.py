@@ -13,11 +13,11 @@ counting treat them as any other layer. Both edits are recorded in the model's s
 ``lowrank`` and ``separable``) and replayed by :func:`deepshrink.load`.
 """
 
-from deepshrink.redesign.factorize import LowRankConfig, factorize, factorize_report
+from deepshrink.redesign.factorize import LowRankConfig, factorize, factorize_with_report
 from deepshrink.redesign.recover import recover
 from deepshrink.redesign.report import LayerReport, RedesignReport
 from deepshrink.redesign.rewrites import rewritten_layers
-from deepshrink.redesign.separate import SeparableConfig, separate, separate_report
+from deepshrink.redesign.separate import SeparableConfig, separate, separate_with_report
 
 __all__ = ["LayerReport", "LowRankConfig", "RedesignReport", "SeparableConfig", "factorize",
-           "factorize_report", "recover", "rewritten_layers", "separate", "separate_report"]
+           "factorize_with_report", "recover", "rewritten_layers", "separate", "separate_with_report"]

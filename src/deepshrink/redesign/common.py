@@ -5,7 +5,6 @@ validation of recorded edits read back from a file."""
 from __future__ import annotations
 
 import dataclasses
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from torch import nn
 
 from deepshrink.errors import FormatError
 from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode
+from deepshrink.models.schema import Int, Map, Obj, Schema
 
 # Inputs kept per layer for fitting (rows of the batch dimension); enough for a least-squares fit
 # of a few thousand unknowns over many pixels/tokens, small enough to hold every layer at once.
@@ -134,63 +134,14 @@ def speed_input(rec: LayerInputs, batch: int) -> torch.Tensor | None:
 
 
 # -- edits read back from files -----------------------------------------------------------------
-def plain_int(value: Any, where: str, lo: int = 1, hi: int = 1 << 31) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise FormatError(f"{where}: must be an integer in [{lo}, {hi}], got {value!r:.60}")
-    return value
-
-
-def int_list(value: Any, where: str, lengths: tuple[int, ...], lo: int = 1) -> list[int]:
-    if not isinstance(value, list) or len(value) not in lengths:
-        raise FormatError(f"{where}: must be a list of {' or '.join(map(str, lengths))} integers, "
-                          f"got {value!r:.60}")
-    return [plain_int(v, f"{where}[{i}]", lo) for i, v in enumerate(value)]
-
-
-def choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise FormatError(f"{where}: must be one of {list(choices)}, got {value!r:.60}")
-    return value
-
-
-LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}")
 MAX_LAYERS = 4096
+DIM = Int(1, 1 << 31)
 
 
-def layers_field(value: Any, where: str, layer: Callable[[Any, str], dict[str, Any]]
-                 ) -> dict[str, dict[str, Any]]:
-    """A ``{layer name: record}`` object: names are module paths, each record checked by ``layer``."""
-    if not isinstance(value, dict) or len(value) > MAX_LAYERS:
-        raise FormatError(f"{where}: must be an object of at most {MAX_LAYERS} layers, got {value!r:.60}")
-    out = {}
-    for name, rec in value.items():
-        if not isinstance(name, str) or not LAYER_NAME.fullmatch(name):
-            raise FormatError(f"{where}: {name!r:.60} is not a module path")
-        if not isinstance(rec, dict):
-            raise FormatError(f"{where}[{name!r}]: must be an object, got {rec!r:.60}")
-        out[name] = layer(rec, f"{where}[{name!r}]")
-    return out
-
-
-def layers_edit_schema(layer: Callable[[Any, str], dict[str, Any]]) -> Callable[[Any, str], dict[str, Any]]:
+def layers_edit_schema(layer: Schema) -> Schema:
     """The schema of an edit whose one field is ``layers`` (``{module path: record}``, each record
     checked by ``layer``): what both redesign edits record."""
-
-    def edit_fields(value: Any, where: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise FormatError(f"{where}: must be an object, got {value!r:.60}")
-        exact_keys(value, where, ("layers",))
-        return {"layers": layers_field(value["layers"], f"{where}.layers", layer)}
-
-    return edit_fields
-
-
-def exact_keys(rec: dict[str, Any], where: str, keys: tuple[str, ...]) -> None:
-    unknown = sorted(set(rec) - set(keys))
-    missing = sorted(set(keys) - set(rec))
-    if unknown or missing:
-        raise FormatError(f"{where}: unknown field(s) {unknown[:5]} / missing field(s) {missing[:5]}",
-                          hint=f"fields: {list(keys)}")
+    return Obj({"layers": Map(layer, max_len=MAX_LAYERS)})
 
 
 def module_at(model: nn.Module, name: str, want: type, where: str) -> nn.Module:

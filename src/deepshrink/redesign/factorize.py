@@ -25,6 +25,7 @@ from deepshrink.config import (
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import Inputs, set_submodule
 from deepshrink.models import record_edit, register_edit
+from deepshrink.models.schema import List, Obj, Str
 from deepshrink.redesign import common, lowrank, ranks
 from deepshrink.redesign.report import LayerReport, RedesignReport
 
@@ -210,7 +211,7 @@ def _speed_input(layer: nn.Module, rec: common.LayerInputs | None, batch: int) -
     return x
 
 
-def factorize_report(model: nn.Module, config: LowRankConfig | None = None, *,
+def factorize_with_report(model: nn.Module, config: LowRankConfig | None = None, *,
                      example_inputs: Any = None, calibration: Any = None) -> RedesignReport:
     """:func:`factorize`, returning the per-layer report (with the edited model as ``.model``)."""
     config = config or LowRankConfig()
@@ -253,18 +254,24 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, example_
     ``example_inputs`` (one batch: tensor, tuple or dict) or ``calibration`` (batches, a loader,
     a DataBundle) tell each layer's input size (for MACs and timing) and feed the budget search.
     The edit is recorded in the model's spec, so :func:`deepshrink.load` rebuilds the factorized
-    architecture. Use :func:`factorize_report` for the per-layer report (ranks, sizes, skips).
+    architecture. Use :func:`factorize_with_report` for the per-layer report (ranks, sizes, skips).
     """
-    return factorize_report(model, config, example_inputs=example_inputs, calibration=calibration).model
+    return factorize_with_report(model, config, example_inputs=example_inputs, calibration=calibration).model
 
 
 # -- replay on load ------------------------------------------------------------------------------
-def _layer_fields(rec: dict[str, Any], where: str) -> dict[str, Any]:
-    common.exact_keys(rec, where, ("form", "rank", "shape"))
-    form = common.choice(rec["form"], f"{where}.form", lowrank.FORMS)
-    rank = common.int_list(rec["rank"], f"{where}.rank", (2,) if form == "tucker2" else (1,))
-    shape = common.int_list(rec["shape"], f"{where}.shape", (2,) if form == "linear" else (4,))
-    return {"form": form, "rank": rank, "shape": shape}
+_LAYER = Obj({"form": Str(choices=lowrank.FORMS), "rank": List(common.DIM, max_len=2, min_len=1),
+              "shape": List(common.DIM, max_len=4, min_len=2)})
+
+
+def _layer_fields(rec: Any, where: str) -> dict[str, Any]:
+    rec = _LAYER(rec, where)
+    ranks, dims = (2 if rec["form"] == "tucker2" else 1), (2 if rec["form"] == "linear" else 4)
+    for field, n in (("rank", ranks), ("shape", dims)):
+        if len(rec[field]) != n:
+            raise FormatError(f"{where}.{field}: a {rec['form']} layer records {n} integers, "
+                              f"got {rec[field]!r:.60}")
+    return rec
 
 
 #: Schema of a recorded ``lowrank`` edit (every field but ``kind``): plain JSON, checked.

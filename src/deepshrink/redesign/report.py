@@ -45,8 +45,8 @@ class LayerReport:
 
 @dataclasses.dataclass
 class RedesignReport:
-    """The result of :func:`~deepshrink.redesign.factorize_report` /
-    :func:`~deepshrink.redesign.separate_report`: the (edited) model and one row per candidate."""
+    """The result of :func:`~deepshrink.redesign.factorize_with_report` /
+    :func:`~deepshrink.redesign.separate_with_report`: the (edited) model and one row per candidate."""
 
     model: nn.Module
     transform: str

@@ -27,6 +27,7 @@ from deepshrink.config import (
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import Inputs, set_submodule
 from deepshrink.models import record_edit, register_edit
+from deepshrink.models.schema import Int, List, Obj, Str
 from deepshrink.redesign import common, dwsep, ranks
 from deepshrink.redesign.report import LayerReport, RedesignReport
 
@@ -170,7 +171,7 @@ def _pays(p: _Plan, rec: common.LayerInputs, config: SeparableConfig) -> str:
     return ""
 
 
-def separate_report(model: nn.Module, config: SeparableConfig | None = None, *,
+def separate_with_report(model: nn.Module, config: SeparableConfig | None = None, *,
                     example_inputs: Any = None, calibration: Any = None) -> RedesignReport:
     """:func:`separate`, returning the per-layer report (with the edited model as ``.model``)."""
     config = config or SeparableConfig()
@@ -217,16 +218,13 @@ def separate(model: nn.Module, config: SeparableConfig | None = None, *, example
     return it. The pairs are fitted to each layer's outputs on ``calibration`` (or the
     ``example_inputs`` batch); fine-tune afterwards (:func:`~deepshrink.redesign.recover`, with KD
     from the original). The edit is recorded in the spec so :func:`deepshrink.load` rebuilds it.
-    :func:`separate_report` gives the per-layer report."""
-    return separate_report(model, config, example_inputs=example_inputs, calibration=calibration).model
+    :func:`separate_with_report` gives the per-layer report."""
+    return separate_with_report(model, config, example_inputs=example_inputs, calibration=calibration).model
 
 
 # -- replay on load ------------------------------------------------------------------------------
-def _layer_fields(rec: dict[str, Any], where: str) -> dict[str, Any]:
-    common.exact_keys(rec, where, ("multiplier", "between", "shape"))
-    return {"multiplier": common.plain_int(rec["multiplier"], f"{where}.multiplier", 1, 1 << 16),
-            "between": common.choice(rec["between"], f"{where}.between", dwsep.BETWEEN),
-            "shape": common.int_list(rec["shape"], f"{where}.shape", (4,))}
+_layer_fields = Obj({"multiplier": Int(1, 1 << 16), "between": Str(choices=dwsep.BETWEEN),
+                     "shape": List(common.DIM, max_len=4, min_len=4)})
 
 
 #: Schema of a recorded ``separable`` edit (every field but ``kind``): plain JSON, checked.

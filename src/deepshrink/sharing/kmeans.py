@@ -13,14 +13,13 @@ sort, seconds for hundreds of millions of weights.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 
 import numpy as np
 import torch
 from torch import nn
 
 from deepshrink.coding.codebook import SharedTensor, Sharing, get_sharing, set_sharing
-from deepshrink.config import Config, check
+from deepshrink.config import Config, check, check_patterns, name_matches, override_for, warn_unmatched
 from deepshrink.errors import ModelError
 
 INITS = ("linear", "density", "random")
@@ -32,15 +31,19 @@ class KMeansConfig(Config):
 
     ``bits`` applies to Linear weights (and any other matched weight), ``conv_bits`` to
     convolution weights (Han: 8 for conv, 5 for fc), ``bias_bits`` to biases (0 keeps biases
-    float). ``overrides`` maps a parameter-name glob (``"2.weight"``, ``"features.*"``) to its
-    bits; 0 leaves that tensor unshared. Tensors with fewer than ``min_size`` elements stay float.
+    float). The layer vocabulary is the one every config uses: ``ignore`` lists module names
+    (regular expressions, full match) whose parameters stay unshared; ``overrides`` maps a
+    module-name regex (``"2"``, ``"features\\..*"``) to the bits of that module's weight (0 leaves
+    it unshared; its bias still follows ``bias_bits``). Tensors with fewer than ``min_size``
+    elements stay float.
     """
 
     bits: int = 5
     conv_bits: int | None = 8
     bias_bits: int = 5
     init: str = "linear"  # linear | density | random
-    overrides: dict[str, int] = dataclasses.field(default_factory=dict)
+    overrides: dict[str, int] = dataclasses.field(default_factory=dict)  # module regex -> weight bits
+    ignore: tuple[str, ...] = ()  # module regexes (full match) left unshared
     max_iter: int = 1000  # an iteration costs O(k log n): convergence is cheap
     tol: float = 1e-7  # stop when no centroid moves more than tol * (max - min)
     min_size: int = 16
@@ -58,17 +61,20 @@ class KMeansConfig(Config):
         for key, b in self.overrides.items():
             check(isinstance(b, int) and 0 <= b <= 16, n, f"overrides[{key!r}]",
                   f"must be an int in [0, 16], got {b!r}")
+        check_patterns(n, "overrides", self.overrides)
+        check_patterns(n, "ignore", self.ignore)
 
-    def bits_for(self, name: str, module: nn.Module) -> int:
-        """Bits for parameter ``name`` of ``module`` (0 = not shared)."""
-        for pattern, b in self.overrides.items():
-            if name == pattern or fnmatch.fnmatchcase(name, pattern):
-                return b
-        if name.endswith("bias"):
+    def bits_for(self, module_name: str, param: str, module: nn.Module) -> int:
+        """Bits for parameter ``param`` (``weight``, ``bias``) of module ``module_name`` (0 = not shared)."""
+        if name_matches(module_name, self.ignore):
+            return 0
+        if param == "bias":
             return self.bias_bits
         if isinstance(module, nn.modules.conv._ConvNd) and self.conv_bits is not None:
-            return self.conv_bits
-        return self.bits
+            default = self.conv_bits
+        else:
+            default = self.bits
+        return override_for(module_name, self.overrides, default)
 
 
 # --------------------------------------------------------------------------- 1-D k-means
@@ -155,9 +161,10 @@ def share(model: nn.Module, config: KMeansConfig | None = None) -> nn.Module:
     cfg = config or KMeansConfig()
     modules = dict(model.named_modules())
     sharing: Sharing = {}
+    warn_unmatched(type(cfg).__name__, modules, [*cfg.ignore, *cfg.overrides])
     for name, p in model.named_parameters():
-        mod_name = name.rpartition(".")[0]
-        bits = cfg.bits_for(name, modules.get(mod_name, model))
+        mod_name, _, param = name.rpartition(".")
+        bits = cfg.bits_for(mod_name, param, modules.get(mod_name, model))
         if bits == 0 or p.numel() < cfg.min_size or not p.is_floating_point():
             continue
         w = p.detach().cpu().double().numpy().ravel()
@@ -173,7 +180,7 @@ def share(model: nn.Module, config: KMeansConfig | None = None) -> nn.Module:
                                      torch.from_numpy(index.reshape(p.shape)))
     if not sharing:
         raise ModelError("share(): no parameter qualified for weight sharing",
-                         hint="check KMeansConfig.bits/overrides and min_size")
+                         hint="check KMeansConfig.bits/overrides/ignore and min_size")
     set_sharing(model, sharing)
     write_shared_weights(model)
     return model
