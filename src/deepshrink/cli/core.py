@@ -21,14 +21,14 @@ from deepshrink.cli.common import (
 from deepshrink.cli.modelio import (
     check_inputs,
     data_extra,
+    dataset,
+    example_input,
     factory_kwargs,
-    input_shape,
     load_model,
     model_data,
     parse_model_args,
 )
 from deepshrink.cli.options import SESSION
-from deepshrink.data import load_dataset
 from deepshrink.measure import measure_model
 from deepshrink.models import create_model
 from deepshrink.train import TrainConfig, evaluate, train
@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         model: str = typer.Option(..., "--model", "-m", help="Registry name or module:callable "
                                   "(called with in_size / in_channels / num_classes where it takes "
-                                  "them, plus --model-arg)."),
+                                  "them, plus --model-arg), or a model file / save_pretrained "
+                                  "folder to fine-tune."),
         output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.safetensors)."),
         data: str = TRAIN_DATASET,
         data_dir: Path | None = DATA_DIR,
@@ -64,12 +65,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a model and save a rebuildable safetensors checkpoint. Runs data-parallel when
         launched by torchrun (see the README)."""
-        bundle = load_dataset(data, data_dir)
-        kwargs = factory_kwargs(model, bundle, parse_model_args(model_arg, model_args))
+        bundle = dataset(data, data_dir, path=Path(model))
+        if Path(model).exists():  # a model file or save_pretrained folder: fine-tune it
+            net = load_model(Path(model))
+        else:
+            torch.manual_seed(seed)
+            kwargs = factory_kwargs(model, bundle, parse_model_args(model_arg, model_args))
+            net = create_model(model, **kwargs)
         cfg = (TrainConfig.from_file(config) if config else TrainConfig()).override(
             epochs=epochs, lr=lr, seed=seed, device=device)
-        torch.manual_seed(seed)
-        net = create_model(model, **kwargs)
         check_inputs(net, first_images(bundle, "train"), f"{bundle.name} images")
         result = train(net, bundle, cfg)
         test = evaluate(net, bundle.loader("test", 512))
@@ -117,10 +121,10 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Summary: parameters, MACs, bytes on disk, sparsity per layer."""
-        shape = input_shape(path, shape_opt)
+        example = example_input(path, shape_opt)
         net = load_model(path)
-        check_inputs(net, torch.rand(1, *shape), "inputs", path)
-        rep = measure_model(net, torch.rand(1, *shape), name=path.name, file=path,
+        check_inputs(net, example, "inputs", path)
+        rep = measure_model(net, example, name=path.name, file=path,
                             latency_batches=(1, 256) if latency else ())
         if getattr(net, "onnx_params", None):  # an ONNX graph: weights live in the graph, not torch
             rep.params = rep.nonzero = net.onnx_params

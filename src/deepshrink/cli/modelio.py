@@ -31,6 +31,7 @@ from deepshrink.errors import ConfigError, DataError, DeepShrinkError
 DEFAULT_DATA = "digits"
 ONNX_META_KEY = "deepshrink.data"
 _SOURCES: dict[int, str] = {}  # id(bundle) -> the name it was loaded by (a directory's path)
+_TOKENIZERS: dict[int, str] = {}  # id(bundle) -> its tokenizer folder (text data)
 
 
 def load_model(path: Path, model: nn.Module | None = None) -> nn.Module:
@@ -79,13 +80,45 @@ def recorded_data(path: Path) -> DataRecord | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def _tokenizer_dir(path: Path | None, rec: DataRecord | None) -> str:
+    """``--tokenizer``, else the one the record names, else the model folder's own."""
+    if SESSION.tokenizer:
+        return SESSION.tokenizer
+    if rec is not None and rec.tokenizer:
+        return rec.tokenizer
+    if path is not None and path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES):
+        return str(path.resolve())
+    raise DataError("text data needs a tokenizer", hint="pass --tokenizer DIR (a folder written by "
+                    "tokenizer.save_pretrained; nothing is downloaded)")
+
+
+def dataset(name: str, data_dir: Path | None = None, *, path: Path | None = None,
+            rec: DataRecord | None = None) -> DataBundle:
+    """An image dataset by name / IDX folder, or text (a file of lines or a folder, tokenized
+    with the tokenizer of :func:`_tokenizer_dir` to the recorded length, else 32 tokens)."""
+    from deepshrink.data import is_text_source, load_text
+
+    if is_text_source(name):
+        tok = _tokenizer_dir(path, rec)
+        length = rec.input_shape[0] if rec is not None and rec.tokenizer else 32
+        bundle = load_text(name, tok, length)
+        _TOKENIZERS[id(bundle)] = str(Path(tok).resolve())
+    else:
+        bundle = load_dataset(name, data_dir)
+    _SOURCES[id(bundle)] = name
+    return bundle
+
+
 def model_data(path: Path, data: str | None, data_dir: Path | None = None) -> DataBundle:
     """The dataset for the model in ``path``: ``--data`` if given (checked against the file's
     record), else the one the file records, else digits."""
     rec = recorded_data(path)
     name = data or (rec.dataset if rec else DEFAULT_DATA)
     try:
-        bundle = load_dataset(name, data_dir)
+        bundle = dataset(name, data_dir, path=path, rec=rec)
     except DataError as exc:
         if data or rec is None:
             raise
@@ -94,7 +127,6 @@ def model_data(path: Path, data: str | None, data_dir: Path | None = None) -> Da
                         hint="pass --data with that dataset (or one of the same input shape)") from None
     if rec is not None:
         rec.check(bundle, path.name)
-    _SOURCES[id(bundle)] = name
     return bundle
 
 
@@ -108,13 +140,22 @@ def input_shape(path: Path, option: str | None) -> tuple[int, ...]:
     return rec.input_shape if rec else (1, 28, 28)
 
 
+def example_input(path: Path, option: str | None) -> torch.Tensor:
+    """One example batch for counting and timing: token ids (zeros) for text models."""
+    shape = input_shape(path, option)
+    rec = recorded_data(path)
+    if rec is not None and rec.tokenizer:
+        return torch.zeros(1, *shape, dtype=torch.int64)
+    return torch.rand(1, *shape)
+
+
 def data_extra(bundle: DataBundle, source: str | None = None) -> dict[str, Any]:
     """The ``extra`` metadata every written model carries: its data record. ``source`` is the
     ``--data`` value it came from: a directory is recorded by its absolute path, so that later
     commands find it again."""
-    rec = data_record(bundle)
+    rec = data_record(bundle, _TOKENIZERS.get(id(bundle)))
     source = source or _SOURCES.get(id(bundle))
-    if source is not None and Path(source).is_dir():
+    if source is not None and Path(source).exists():
         rec = dataclasses.replace(rec, dataset=str(Path(source).resolve()))
     return {"data": rec.to_dict(), "dataset": bundle.name}
 
@@ -185,5 +226,5 @@ def onnx_with_record(data: bytes, bundle: DataBundle) -> bytes:
     model = onnx.load_from_string(data)
     del model.metadata_props[:]  # keep one record, ours
     prop = model.metadata_props.add()
-    prop.key, prop.value = ONNX_META_KEY, json.dumps(data_record(bundle).to_dict())
+    prop.key, prop.value = ONNX_META_KEY, json.dumps(data_extra(bundle)["data"])
     return model.SerializeToString()

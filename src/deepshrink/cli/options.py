@@ -38,6 +38,7 @@ class Session:
 
     trust: tuple[str, ...] = ()
     threads: int = 1
+    tokenizer: str | None = None
 
 
 SESSION = Session()
@@ -103,14 +104,15 @@ def import_user_code(spec: str) -> str:
     return spec
 
 
-def apply(imports: list[str], threads: int | None) -> None:
-    """Import the user's code (and trust it for loading) and set the thread count."""
+def apply(imports: list[str], threads: int | None, tokenizer: Path | None = None) -> None:
+    """Import the user's code (and trust it for loading), set the thread count and tokenizer."""
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise ConfigError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     _cwd_importable()
     SESSION.trust = tuple(import_user_code(s) for s in imports)
     SESSION.threads = threads or int(os.environ.get(THREADS_ENV) or 0) or physical_cores()
     torch.set_num_threads(SESSION.threads)
+    SESSION.tokenizer = str(tokenizer.resolve()) if tokenizer is not None else None
 
 
 _EXTRA = [
@@ -121,6 +123,10 @@ _EXTRA = [
     inspect.Parameter("threads_", inspect.Parameter.KEYWORD_ONLY, annotation=int | None,
                       default=typer.Option(None, "--threads", help="torch / ONNX Runtime threads "
                                            "(default: physical cores).")),
+    inspect.Parameter("tokenizer_", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                      default=typer.Option(None, "--tokenizer", help="Tokenizer folder for text data "
+                                           "(default: the one the model file records, or the model "
+                                           "folder's own).")),
 ]
 
 
@@ -132,10 +138,11 @@ def with_common_options(fn: Callable[..., Any], on_error: Callable[[Callable[...
     handle = on_error(apply)
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, import_: list[str], threads_: int | None, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, import_: list[str], threads_: int | None, tokenizer_: Path | None,
+                **kwargs: Any) -> Any:
         from deepshrink.models import trusting
 
-        handle(import_, threads_)
+        handle(import_, threads_, tokenizer_)
         with trusting(SESSION.trust):  # also the files pipelines write and read back
             return fn(*args, **kwargs)
 
