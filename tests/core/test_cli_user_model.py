@@ -191,3 +191,65 @@ def test_compress_fine_tunes_show_progress() -> None:
     cfg = compress_config(CompressConfig(), sparsity=None, bits=None, conv_bits=None, epochs=None,
                           progress=True)
     assert cfg.prune_train.progress and cfg.finetune.progress
+
+
+# -- a small transformers model (random init, tiny config, local tokenizer: nothing downloaded) --
+WORDS = "good great fine nice happy bad awful poor sad ugly the a movie film plot was".split()
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``tiny-bert/`` (save_pretrained model + tokenizer) and ``reviews.tsv``."""
+    import random
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("bert")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d / "tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(d / "tiny-bert")
+    rng = random.Random(0)
+    lines = [f"{i % 2}\t{rng.choice(['the', 'a'])} {rng.choice(['movie', 'film', 'plot'])} was "
+             f"{rng.choice(WORDS[:5] if i % 2 else WORDS[5:10])}" for i in range(200)]
+    (d / "reviews.tsv").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_transformers_model_through_every_command(bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # before: no way in from a save_pretrained folder or text data; info / evaluate / quantize /
+    # channel prune crashed with tracebacks on transformers files
+    monkeypatch.chdir(bert)
+    assert "test top-1" in run("evaluate", "tiny-bert", "-d", "reviews.tsv")  # tokenizer: the folder's
+    run("train", "-m", "tiny-bert", "-d", "reviews.tsv", "-o", "b.safetensors", "--epochs", "1")
+    rec = deepshrink.checkpoint.read_metadata(bert / "b.safetensors")["extra"]["data"]
+    assert rec["preprocessing"] == "tokens" and rec["input_shape"] == [32]
+    assert rec["tokenizer"] == str((bert / "tiny-bert").resolve())
+    assert "MACs" in run("info", "b.safetensors")  # no -d, no --tokenizer: the record has both
+    run("prune", "b.safetensors", "-o", "p.safetensors", "--ratio", "0.5", "--force")
+    run("prune", "b.safetensors", "-o", "pc.safetensors", "--method", "channel", "--ratio", "0.25", "--force")
+    run("quantize", "b.safetensors", "-o", "q.onnx", "--force")
+    run("quantize", "b.safetensors", "-o", "q.safetensors", "--mode", "dynamic", "--force")
+    run("compress", "b.safetensors", "-o", "c.dsz", "--epochs", "1", "--force")
+    run("pack", "b.safetensors", "-o", "k.dsz")
+    run("unpack", "c.dsz", "-o", "u.safetensors")
+    run("dsz-info", "c.dsz")
+    run("distill", "-t", "b.safetensors", "-s", "p.safetensors", "-o", "s.safetensors", "--epochs", "1")
+    run("separable", "b.safetensors", "-o", "sep.safetensors", "--force")
+    run("early-exit", "b.safetensors", "-o", "ee.safetensors", "--epochs", "1")
+    for f in ("p.safetensors", "pc.safetensors", "q.onnx", "q.safetensors", "c.dsz", "k.dsz",
+              "u.safetensors", "s.safetensors", "sep.safetensors", "ee.safetensors"):
+        assert json.loads(run("evaluate", f, "--json"))["n"] == 40, f  # the recorded text, no -d
+    info = json.loads(run("info", "q.onnx", "--json"))
+    assert info["params"] > 10_000
+
+
+def test_text_data_errors_are_one_line(bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(bert)
+    (bert / "nolabel.tsv").write_text("just text\n")
+    out = run("evaluate", "tiny-bert", "-d", "nolabel.tsv", code=2)
+    assert "nolabel.tsv:1: no label (expected LABEL<TAB>TEXT)" in out
+    out = run("train", "-m", "lenet300", "-d", "reviews.tsv", "-o", "x.safetensors", code=2)
+    assert "needs a tokenizer" in out and "--tokenizer" in out
