@@ -194,7 +194,8 @@ def test_compress_fine_tunes_show_progress() -> None:
 
 
 # -- a small transformers model (random init, tiny config, local tokenizer: nothing downloaded) --
-WORDS = "good great fine nice happy bad awful poor sad ugly the a movie film plot was".split()
+WORDS = ["good", "great", "fine", "nice", "happy", "bad", "awful", "poor", "sad", "ugly",
+         "the", "a", "movie", "film", "plot", "was"]
 
 
 @pytest.fixture(scope="module")
