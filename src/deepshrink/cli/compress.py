@@ -76,9 +76,12 @@ def _share_guarded(model: Any, path: Path, bits: int | None, data: str | None,
     if bits is None:
         return None
     bundle = model_data(path, data)
-    before = evaluate(model, bundle.loader("test", 512))["top1"]
-    share(model, KMeansConfig(bits=bits, conv_bits=bits, bias_bits=bits))
-    after = evaluate(model, bundle.loader("test", 512))["top1"]
+    from deepshrink.progress import step
+
+    with step(f"k-means weight sharing ({bits} bits) and evaluation"):
+        before = evaluate(model, bundle.loader("test", 512))["top1"]
+        share(model, KMeansConfig(bits=bits, conv_bits=bits, bias_bits=bits))
+        after = evaluate(model, bundle.loader("test", 512))["top1"]
     return check_drop(before, after, max_drop, force, output, warns)
 
 

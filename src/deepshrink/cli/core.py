@@ -31,6 +31,7 @@ from deepshrink.cli.modelio import (
 from deepshrink.cli.options import SESSION
 from deepshrink.measure import measure_model
 from deepshrink.models import create_model
+from deepshrink.progress import step
 from deepshrink.train import TrainConfig, evaluate, train
 
 DATASET = typer.Option(None, "--data", "-d",
@@ -101,7 +102,8 @@ def register(app: typer.Typer) -> None:
         net = load_model(path)
         bundle = model_data(path, data, data_dir)
         check_inputs(net, first_images(bundle, split), f"{bundle.name} images", path)
-        res = evaluate(net, bundle.loader(split, 512))
+        with step(f"evaluating {path.name} on {bundle.name} ({split})", enabled=not as_json):
+            res = evaluate(net, bundle.loader(split, 512))
         exits = exit_summary(net, bundle.loader(split, 512))  # multi-exit: shares, mean MACs
         if as_json:
             emit_json({"path": str(path), "split": split, **res, **({"exits": exits} if exits else {})})
@@ -124,8 +126,10 @@ def register(app: typer.Typer) -> None:
         example = example_input(path, shape_opt)
         net = load_model(path)
         check_inputs(net, example, "inputs", path)
-        rep = measure_model(net, example, name=path.name, file=path,
-                            latency_batches=(1, 256) if latency else ())
+        with step(f"measuring {path.name}" + (" (timing batch 1 and 256)" if latency else ""),
+                  enabled=not as_json):
+            rep = measure_model(net, example, name=path.name, file=path,
+                                latency_batches=(1, 256) if latency else ())
         if getattr(net, "onnx_params", None):  # an ONNX graph: weights live in the graph, not torch
             rep.params = rep.nonzero = net.onnx_params
         from deepshrink.cli.early_exit import exit_summary, print_exit_summary

@@ -28,6 +28,7 @@ from deepshrink.cli.guards import (
 from deepshrink.cli.modelio import data_extra, load_model, model_data
 from deepshrink.errors import ConfigError
 from deepshrink.measure import ResultTable, count_params, file_bytes
+from deepshrink.progress import step
 
 METHODS = ("magnitude", "layer", "global", "threshold", "quality", "channel")
 SCHEDULES = ("oneshot", "iterative", "gradual")
@@ -70,10 +71,13 @@ def _check_options(method: str, schedule: str, fmt: str, rounds: int, epochs: in
         raise ConfigError(f"--rounds must be >= 1 and --epochs >= 0, got {rounds}, {epochs}")
 
 
-def _prune_channels(model: Any, bundle: Any, cfg: Any, example: Any, ft: Any | None, seed: int) -> Any:
+def _prune_channels(model: Any, bundle: Any, cfg: Any, input_shape: str | None, ft: Any | None,
+                    seed: int) -> Any:
     from deepshrink.pruning import prune
     from deepshrink.train import train
 
+    example = (torch.rand(2, *parse_shape(input_shape, "--input-shape")) if input_shape
+               else bundle.test.tensors[0][:2])
     calib = bundle.loader("train", 64, seed=seed)
     model = prune(model, cfg, example_inputs=example, calibration=calib)
     if ft is not None:
@@ -120,6 +124,14 @@ def _write(model: Any, tmp: Path, input: Path, cfg: Any, bundle: Any, compact: b
         save_sparse(model, tmp, extra=extra, protect=(input,))
     else:
         save(model, tmp, extra=extra, protect=(input,))
+
+
+def _counts(model: Any, before: tuple[int, int], input: Path, output: Path, warns: Warnings
+            ) -> dict[str, Any]:
+    """Params, non-zeros and file bytes before and after (a warning when not smaller)."""
+    after, sizes = count_params(model), [file_bytes(input), file_bytes(output)]
+    check_size(*sizes, warns)
+    return {"params": [before[0], after[0]], "nonzero": [before[1], after[1]], "bytes": sizes}
 
 
 def _print(res: dict[str, Any], method: str, title: str, output: Path) -> None:
@@ -186,25 +198,20 @@ def register(app: typer.Typer) -> None:
             cfg: Any = (ChannelConfig.from_file(config) if config else
                         ChannelConfig(ratio=ratio, importance=importance, overrides=_overrides(override),
                                       hidden=hidden))
-            example = (torch.rand(2, *parse_shape(input_shape, "--input-shape")) if input_shape
-                       else bundle.test.tensors[0][:2])
-            model, info = _prune_channels(model, bundle, cfg, example, ft if epochs else None, seed), {}
+            model, info = _prune_channels(model, bundle, cfg, input_shape, ft if epochs else None, seed), {}
         else:
             cfg = _unstructured_config(method, ratio, scope, threshold, quality, _overrides(override),
                                        skip_last, config)
             info = _prune_unstructured(model, bundle, cfg, ft, schedule, rounds, spacing, epochs > 0)
-        after = evaluate(model, bundle.loader("test", 512))["top1"]
+        with step("evaluating the pruned model", enabled=not as_json):
+            after = evaluate(model, bundle.loader("test", 512))["top1"]
         with staged(output, (input,)) as tmp:
             drop = check_drop(before, after, max_drop, force, output, warns)
             distributed.on_main(_write, model, tmp, input, cfg, bundle, fmt == "compact" and not channel)
             distributed.on_main(commit, tmp, output)
-        sizes = [file_bytes(input), file_bytes(output)]
-        check_size(*sizes, warns)
-        counts1 = count_params(model)
         res = {"input": str(input), "output": str(output), "config": cfg.to_dict(),
-               "schedule": None if channel else schedule,
-               "params": [counts0[0], counts1[0]], "nonzero": [counts0[1], counts1[1]],
-               "bytes": sizes, "test_top1": [before, after], "drop_pt": drop, "warnings": warns, **info}
+               "schedule": None if channel else schedule, **_counts(model, counts0, input, output, warns),
+               "test_top1": [before, after], "drop_pt": drop, "warnings": warns, **info}
         if as_json:
             emit_json(res)
         else:

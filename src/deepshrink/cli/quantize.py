@@ -22,6 +22,20 @@ from deepshrink.cli.guards import (
 from deepshrink.cli.modelio import data_extra, load_model, model_data, onnx_with_record
 from deepshrink.cli.options import SESSION
 from deepshrink.errors import ConfigError
+from deepshrink.progress import step
+
+
+def _check(output: Path, epochs: int) -> None:
+    if output.suffix not in (".onnx", ".safetensors"):
+        raise ConfigError(f"--output must end in .onnx or .safetensors, got {output.name!r}")
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+
+
+def _check_bits(output: Path, cfg: Any, warns: Warnings) -> None:
+    if output.suffix == ".onnx" and cfg.bits < 8:
+        warns.add(f"ONNX stores {cfg.bits}-bit weights as int8: the file is as large as 8-bit "
+                  "(write .safetensors, packed, or compress to .dsz for the smaller file)")
 
 
 def _ptq_config(config: Path | None, **fields: Any) -> Any:
@@ -106,10 +120,7 @@ def register(app: typer.Typer) -> None:
         from deepshrink.quantization import quantize
         from deepshrink.train import evaluate
 
-        if output.suffix not in (".onnx", ".safetensors"):
-            raise ConfigError(f"--output must end in .onnx or .safetensors, got {output.name!r}")
-        if epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+        _check(output, epochs)
         cfg = _ptq_config(config, mode=mode, bits=bits, granularity=granularity, group_size=group_size,
                           weight_range=weight_range, act_range=act_range,
                           calibration_batches=calibration_batches, act_granularity=act_granularity,
@@ -119,15 +130,19 @@ def register(app: typer.Typer) -> None:
         test = bundle.loader("test", 512)
         res: dict = {"input": str(path), "output": str(output), "config": cfg.to_dict(), "qat": qat,
                      "dataset": bundle.name, "input_bytes": file_bytes(path), "output_top1": None}
-        res["input_top1"] = evaluate(model, test)["top1"] if do_eval else None
-        q = _qat(model, bundle, cfg, epochs, lr, as_json) if qat else quantize(model, cfg, calibration=bundle)
-        if output.suffix == ".onnx" and cfg.bits < 8:
-            warns.add(f"ONNX stores {cfg.bits}-bit weights as int8: the file is as large as 8-bit "
-                      "(write .safetensors, packed, or compress to .dsz for the smaller file)")
+        with step("evaluating the input model", enabled=not as_json):
+            res["input_top1"] = evaluate(model, test)["top1"] if do_eval else None
+        if qat:
+            q = _qat(model, bundle, cfg, epochs, lr, as_json)
+        else:
+            with step(f"quantizing ({cfg.mode}, {cfg.bits}-bit; calibration)", enabled=not as_json):
+                q = quantize(model, cfg, calibration=bundle)
+        _check_bits(output, cfg, warns)
         with staged(output, (path,)) as tmp:
             runner = _write(q, tmp, path, bundle)
             if do_eval:
-                res["output_top1"] = evaluate(runner, test)["top1"]
+                with step("evaluating the quantized model", enabled=not as_json):
+                    res["output_top1"] = evaluate(runner, test)["top1"]
             res["drop_pt"] = check_drop(res["input_top1"], res["output_top1"], max_drop, force, output, warns)
             commit(tmp, output)
         res["output_bytes"] = file_bytes(output)
