@@ -67,7 +67,7 @@ class ModelReport:
             row["top1"] = self.top1
         for b, lat in sorted(self.latency.items()):
             # with its spread: one median means little on a shared machine
-            row[f"ms@b{b} [p10-p90]"] = f"{lat.median_ms:.3f} [{lat.p10_ms:.3f}-{lat.p90_ms:.3f}]"
+            row[f"ms@b{b} (p10-p90)"] = f"{lat.median_ms:.3f} [{lat.p10_ms:.3f}-{lat.p90_ms:.3f}]"
         return ResultTable(f"{self.name}: summary", [row])
 
 
