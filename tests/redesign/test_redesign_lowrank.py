@@ -26,16 +26,34 @@ def test_full_rank_svd_reproduces_the_linear_layer():
         s[8:].pow(2).sum().sqrt().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("form", ["conv_svd", "tucker2"])
+@pytest.mark.parametrize("form", ["conv_svd", "tucker2", "cp"])
 @pytest.mark.parametrize("conv", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2),
-                                  dict(stride=1, padding=1, padding_mode="reflect", bias=False)])
+                                  dict(stride=1, padding=1, padding_mode="reflect", bias=False),
+                                  dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), kernel_size=(3, 5)),
+                                  dict(padding="same", padding_mode="circular")])
 def test_factorized_conv_matches_at_full_rank(form, conv):
     torch.manual_seed(0)
-    layer = nn.Conv2d(6, 10, 3, **conv)
+    conv = {"kernel_size": 3, **conv}
+    layer = nn.Conv2d(6, 10, **conv)
     x = torch.randn(2, 6, 11, 11)
     pair = lowrank.factorized(layer, form, lowrank.full_rank(layer, form))
     assert torch.allclose(pair(x), layer(x), atol=1e-5, rtol=0)
     assert all(type(m) is nn.Conv2d for m in pair)
+
+
+def test_cp_form_is_two_depthwise_convs_and_its_fit_improves_with_rank():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 12, 3, padding=1)
+    cp = lowrank.factorized(layer, "cp", [6])
+    assert [(m.kernel_size, m.groups) for m in cp] == [((1, 1), 1), ((3, 1), 6), ((1, 3), 6), ((1, 1), 1)]
+    n = sum(m.weight.numel() for m in cp)
+    assert n == lowrank.weight_params(layer, "cp", [6]) == 6 * (8 + 3 + 3 + 12)
+    kept = [lowrank.kept_energy(layer, "cp", [r]) for r in (2, 8, 24)]
+    assert 0 < kept[0] < kept[1] < kept[2] < 1
+    # ALS starts from seeded values: the same layer always gets the same factors (files replay
+    # structure only, but a rerun of a bench must give the same model)
+    w8 = lowrank.dense_weight(layer.weight, "cp", [8])
+    assert torch.equal(w8, lowrank.dense_weight(layer.weight, "cp", [8]))
 
 
 def test_energy_rank_and_weight_counts():
@@ -46,6 +64,7 @@ def test_energy_rank_and_weight_counts():
     conv = nn.Conv2d(8, 16, 3)
     assert lowrank.weight_params(conv, "conv_svd", [4]) == 4 * (8 * 9 + 16)
     assert lowrank.weight_params(conv, "tucker2", [4, 5]) == 8 * 4 + 4 * 5 * 9 + 5 * 16
+    assert lowrank.weight_params(conv, "cp", [4]) == 4 * (8 + 3 + 3 + 16)
 
 
 def test_layer_that_would_not_pay_is_skipped_and_named():
@@ -119,7 +138,7 @@ def test_config_validation_and_round_trip():
     assert LowRankConfig.from_json(cfg.to_json()) == cfg
     assert LowRankConfig().energy == 0.9
     for bad in (dict(rank=4, energy=0.5), dict(rank=0), dict(energy=1.5), dict(budget=1.0),
-                dict(conv="cp"), dict(targets=("lstm",)), dict(overrides={"[": 3}),
+                dict(conv="parafac"), dict(targets=("lstm",)), dict(overrides={"[": 3}),
                 dict(budget_metric="flops", budget=0.5), dict(round_to=0)):
         with pytest.raises(ConfigError):
             LowRankConfig(**bad)
@@ -131,7 +150,7 @@ def test_budget_without_data_is_a_config_error():
 
 
 @pytest.mark.parametrize("form,rank", [("linear", [5]), ("conv_svd", [5]), ("tucker2", [3, 7]),
-                                       ("tucker2", [6, 6])])
+                                       ("tucker2", [6, 6]), ("cp", [7])])
 def test_dense_weight_is_what_the_factorized_layers_compute(form, rank):
     """The sensitivity scan swaps in dense_weight; it must equal the truncated factors' product."""
     torch.manual_seed(0)

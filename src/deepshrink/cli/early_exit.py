@@ -93,6 +93,8 @@ def register(app: typer.Typer) -> None:
         mode: str | None = typer.Option(None, help="heads (frozen backbone + KD) or joint."),
         criterion: str | None = typer.Option(None, help="confidence (max softmax) or entropy."),
         risk: float | None = typer.Option(None, help="Calibration risk (0.5 = plain validation estimate)."),
+        holdout: float | None = typer.Option(None, help="Share of validation kept out of the search to "
+                                             "check the budget (e.g. 0.5)."),
         epochs: int | None = typer.Option(None, help="Training epochs of the exits (0: recalibrate only)."),
         lr: float | None = typer.Option(None, help="Learning rate."),
         onnx: Path | None = typer.Option(None, help="Export ONNX stages + If graph here."),
@@ -117,7 +119,8 @@ def register(app: typer.Typer) -> None:
             multi = add_exits(net, cfg, example_inputs=bundle.test.tensors[0][:2])
         if tc.train.epochs > 0:
             train_exits(multi, bundle, tc)
-        cal = calibrate(multi, CalibrationConfig(budget=budget).override(criterion=criterion, risk=risk),
+        cal = calibrate(multi, CalibrationConfig(budget=budget).override(criterion=criterion, risk=risk,
+                                                                          holdout=holdout),
                         calibration=bundle, reference=original)
         test_loader = bundle.loader("test", 512)
         rep: ExitReport = evaluate_exits(multi, test_loader, costs=cal.costs)

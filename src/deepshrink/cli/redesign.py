@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         energy: float | None = typer.Option(None, help="Keep this fraction of the spectral energy."),
         budget: float | None = typer.Option(None, help="Whole-model params (or MACs) kept, e.g. 0.3."),
         metric: str = typer.Option("params", help="Budget metric: params or macs."),
-        conv: str = typer.Option("svd", help="Conv2d form: svd (kxk + 1x1) or tucker2."),
+        conv: str = typer.Option("svd", help="Conv2d form: svd (kxk + 1x1), tucker2 or cp."),
         override: list[str] = typer.Option([], help="NAME_REGEX=RANK for matching layers; repeatable."),
         ignore: list[str] = typer.Option([], help="Layer-name regex never factorized; repeatable."),
         config: Path | None = typer.Option(None, help="LowRankConfig as JSON/YAML (options override it)."),
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         no_kd: bool = NO_KD, seed: int = typer.Option(0), max_drop: float | None = MAX_DROP,
         force: bool = FORCE, as_json: bool = JSON_OPTION,
     ) -> None:
-        """Low-rank factorization of Linear/Conv2d layers (truncated SVD / Tucker-2)."""
+        """Low-rank factorization of Linear/Conv2d layers (truncated SVD / Tucker-2 / CP)."""
         from deepshrink.redesign import LowRankConfig, factorize_with_report
 
         cfg = LowRankConfig.from_file(config) if config else LowRankConfig()

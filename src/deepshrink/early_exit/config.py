@@ -99,12 +99,15 @@ class CalibrationConfig(Config):
     ``calibration_batches``: at most this many validation batches of ``batch_size`` are read.
     ``risk``: the chosen policy's accuracy drop must stay within the budget at confidence
     ``1 - risk`` (one-sided normal bound on the paired per-sample difference against the
-    reference); 0.5 = the plain validation estimate.
+    reference); 0.5 = the plain validation estimate. ``holdout``: share of the validation
+    samples (seeded) kept out of the threshold search and used only to check the curve's points
+    against the budget (0 = search and check on the same samples, which is optimistic).
     """
 
     budget: float = 0.5
     criterion: str = "confidence"
     risk: float = 0.1
+    holdout: float = 0.0
     grid: int = 40
     calibration_batches: int = 1000
     batch_size: int = 256
@@ -119,3 +122,5 @@ class CalibrationConfig(Config):
         check(self.calibration_batches >= 1, n, "calibration_batches", "must be >= 1")
         check(self.batch_size >= 1, n, "batch_size", "must be >= 1")
         check(0.0 < self.risk <= 0.5, n, "risk", f"must be in (0, 0.5], got {self.risk}")
+        check(isinstance(self.holdout, (int, float)) and 0.0 <= self.holdout < 1.0, n, "holdout",
+              f"must be in [0, 1), got {self.holdout!r}")

@@ -98,6 +98,9 @@ class PTQConfig(Config):
     # ReLU/ReLU6 so ONNX Runtime fuses QLinearConv; cross-layer equalization (Nagel et al.).
     fold: bool = True
     equalize: bool = False
+    # AdaRound-lite (quantization/adaround.py): per-layer learned up/down rounding of the weights
+    adaround: bool = False
+    adaround_steps: int = 300
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -117,6 +120,7 @@ class PTQConfig(Config):
                   f"must be in (0, 1], got {self.target_cosine}")
         check(50.0 < self.percentile <= 100.0, n, "percentile",
               f"must be in (50, 100], got {self.percentile}")
+        check(self.adaround_steps >= 1, n, "adaround_steps", f"must be >= 1, got {self.adaround_steps}")
         check(self.calibration_batches >= 1, n, "calibration_batches",
               f"must be >= 1, got {self.calibration_batches}")
         check(0.0 <= self.embedding_share <= 1.0, n, "embedding_share",
@@ -244,12 +248,15 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     float_weights = {n: m.weight.detach().clone() for n, m in layers} if prep else {}
     floats = dict(layers)
     granularity = _act_granularity(layers, stats, smooth, cfg)
+    ada_inputs = _adaround_inputs(model, floats, batches, cfg)
     for name, layer in layers:
         spec = cfg.spec_for(name, override_for(name, layer_bits, cfg.bits))
         a_in, a_out = acts.get(name, (None, None))
         q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out,
                                       act_granularity=granularity.get(name, "tensor"),
                                       smooth=smooth.get(name), activation=clamps.get(name))
+        if name in ada_inputs:
+            _adaround(q, layer, ada_inputs.pop(name), smooth.get(name), cfg)
         if cfg.bias_correction and prep is None and name in stats and q.bias is not None:
             s = smooth.get(name, torch.ones(1))
             q.bias.data.copy_(bias_correction(layer, q.dense_weight(), stats[name].mean / s, s))
@@ -273,6 +280,27 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
         edit["cnn"] = prep.edit(set(metas), absorbed=cfg.target_cosine is None)
     record_edit(model, edit)
     return res
+
+
+def _adaround_inputs(model: nn.Module, floats: dict[str, nn.Module], batches: list[Inputs] | None,
+                     cfg: PTQConfig) -> dict[str, torch.Tensor]:
+    """Float inputs of every layer AdaRound will treat (first calibration batch)."""
+    if not cfg.adaround or cfg.mode == "weight-only" or cfg.granularity == "group" or not batches:
+        return {}
+    from deepshrink.quantization.adaround import layer_inputs
+
+    return layer_inputs(model, floats, batches[:1])
+
+
+def _adaround(q: QuantizedLayer, layer: nn.Module, x: torch.Tensor, s: torch.Tensor | None,
+              cfg: PTQConfig) -> None:
+    from deepshrink.quantization.adaround import adaround_layer
+
+    w = float_weight(layer)
+    if s is not None:  # smoothed space: the layer sees x / s and holds W * s
+        w, x = w * s[None, :], x / s
+    with torch.enable_grad():
+        adaround_layer(q, w, x.float(), steps=cfg.adaround_steps)
 
 
 def _batches(cfg: PTQConfig, calibration: Any) -> list[Inputs] | None:

@@ -11,6 +11,9 @@ The division is folded into whatever produced the input when that is exact:
 
 * a LayerNorm / RMSNorm whose output feeds only these layers (pre-LN models: GPT-2, Llama):
   its ``weight`` (and ``bias``) are divided by s — free at run time;
+* the Linear that ran last before the layer and has one output channel per input channel,
+  when the layer's input is a channel-wise linear function of it (attention: the value
+  projection's output rows scale the attention output projection's input channels) — free;
 * otherwise (post-LN BERT, where the LayerNorm output is also the residual) the layer keeps
   ``1/s`` as an input multiplier (one ``Mul`` before quantization in the exported graph).
 
@@ -43,6 +46,7 @@ class InputStats:
         self.count = 0
         self.source: int | None = None  # id of the tensor object the layer received (last batch)
         self.sample: torch.Tensor | None = None  # up to SAMPLE_ROWS input rows (tokens)
+        self.order: int | None = None  # call position among the observed layers (last batch)
 
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(-1, x.shape[-1])
@@ -78,12 +82,15 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     produced: dict[int, str] = {}
     alive: list[torch.Tensor] = []
     last = [False]
+    calls = [0]
     hooks = []
     for name, layer in layers:
         def pre(m: nn.Module, args: tuple, st: InputStats = stats[name]) -> None:
             st.update(args[0])
             if last[0]:
                 st.source = id(args[0])
+                st.order = calls[0]
+                calls[0] += 1
                 alive.append(args[0])
         hooks.append(layer.register_forward_pre_hook(pre))
     if norms:
@@ -220,10 +227,55 @@ def migrate(model: nn.Module, linears: list[tuple[str, nn.Module]], batches: lis
     rest = [n for n, _ in linears if n not in where and stats[n].amax is not None]
     for group in shared_inputs(rest, stats):  # one factor per shared input: one Mul in the graph
         s = smooth_factors(_group_amax(stats, group), [float_weight(by_name[n]) for n in group], alpha)
+        producer = _producer_candidate(group, by_name, stats, s.numel())
+        if producer is not None and try_fold_linear(
+                by_name[producer], [by_name[n] for n in group], s,
+                lambda: same_output(model, batches[0], ref)):
+            for n in group:
+                where[n] = f"folded into {producer}"
+                stats[n].scale_by(1 / s)
+            continue
         for n in group:
             smooth[n] = s
             where[n] = "in layer"
     return smooth, where, stats
+
+
+def _producer_candidate(group: list[str], by_name: dict[str, nn.Module], stats: dict[str, InputStats],
+                        channels: int) -> str | None:
+    """The linear that ran last before ``group`` with ``channels`` outputs (the one whose output
+    rows might scale the group's input channels; :func:`try_fold_linear` checks it)."""
+    first = min((stats[n].order for n in group if stats[n].order is not None), default=None)
+    if first is None:
+        return None
+    before = [(stats[n].order, n) for n, m in by_name.items()
+              if n not in group and stats[n].order is not None and stats[n].order < first
+              and float_weight(m).shape[0] == channels]
+    return max(before)[1] if before else None
+
+
+@torch.no_grad()
+def try_fold_linear(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor,
+                    check: Callable[[], bool]) -> bool:
+    """Divide ``producer``'s output channels (weight rows and bias) by ``s`` and multiply each
+    consumer's weight columns by ``s``; keep the change only if ``check()`` holds."""
+    w, b = producer.weight, getattr(producer, "bias", None)
+    rows = s[None, :] if is_hf_conv1d(producer) else s[:, None]  # Conv1D stores (in, out)
+    saved = [w.data.clone(), None if b is None else b.data.clone()]
+    saved_c = [c.weight.data.clone() for c in consumers]
+    w.data.div_(rows.to(w.dtype))
+    if b is not None:
+        b.data.div_(s.to(b.dtype))
+    for c in consumers:
+        c.weight.data.mul_((s[:, None] if is_hf_conv1d(c) else s[None, :]).to(c.weight.dtype))
+    if check():
+        return True
+    w.data.copy_(saved[0])
+    if b is not None:
+        b.data.copy_(saved[1])
+    for c, sc in zip(consumers, saved_c, strict=True):
+        c.weight.data.copy_(sc)
+    return False
 
 
 def _group_amax(stats: dict[str, InputStats], names: list[str]) -> torch.Tensor:

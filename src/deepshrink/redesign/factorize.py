@@ -30,7 +30,7 @@ from deepshrink.redesign import common, lowrank, ranks
 from deepshrink.redesign.report import LayerReport, RedesignReport
 
 EDIT_KIND = "lowrank"
-CONV_FORMS = {"svd": "conv_svd", "tucker2": "tucker2"}
+CONV_FORMS = {"svd": "conv_svd", "tucker2": "tucker2", "cp": "cp"}
 TARGETS = ("linear", "conv2d")
 
 
@@ -45,7 +45,9 @@ class LowRankConfig(Config):
       (``"macs"``) after factorization, as a fraction of before, spread over the layers by
       their measured sensitivity (needs example inputs or calibration data).
 
-    ``conv``: the Conv2d form, ``"svd"`` (k x k conv with r filters + 1 x 1) or ``"tucker2"``.
+    ``conv``: the Conv2d form, ``"svd"`` (k x k conv with r filters + 1 x 1), ``"tucker2"`` or
+    ``"cp"`` (1 x 1, depthwise k x 1, depthwise 1 x k, 1 x 1; with ``energy`` its rank is read off
+    the spectrum of the weight unfolded along its outputs, as for ``"svd"``).
     ``targets``: layer types to consider (``linear``, ``conv2d``). ``ignore``: module-name regexes
     (full match) never rewritten. ``overrides``: module-name regex -> fixed rank for those layers.
     ``round_to``: round ranks up to a multiple of this. ``check_speed``: time each rewritten
