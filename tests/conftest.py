@@ -8,3 +8,4 @@ import torch
 # processes, torch's default thread pool oversubscribes and runs several times slower.
 torch.set_num_threads(int(os.environ.get("DEEPSHRINK_TEST_THREADS", "1")))
 os.environ.setdefault("DEEPSHRINK_NO_PROGRESS", "1")
+os.environ.setdefault("DEEPSHRINK_THREADS", os.environ.get("DEEPSHRINK_TEST_THREADS", "1"))  # CLI default

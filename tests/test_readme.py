@@ -80,6 +80,7 @@ def test_python_blocks_run_as_written(fashion_standin: Path, tmp_path: Path,
 def test_shell_blocks_run_as_written(fashion_standin: Path, tmp_path: Path) -> None:
     exe = shutil.which("deepshrink", path=str(Path(sys.executable).parent))
     assert exe, "the deepshrink console script is not installed beside this Python"
+    shutil.copytree(README.parent / "examples", tmp_path / "examples")  # as in a fresh clone's root
     env = {**os.environ, "DEEPSHRINK_FASHION_MNIST": str(fashion_standin), "DEEPSHRINK_NO_PROGRESS": "1",
            "PATH": f"{Path(exe).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for cmd in shell_commands():

@@ -29,7 +29,7 @@ def test_iterative_prune_json(base, tmp_path) -> None:
     out = tmp_path / "p.safetensors"
     r = runner.invoke(app, ["prune", str(base), "-o", str(out), "--ratio", "0.9", "--override", "6=0.5",
                             "--schedule", "iterative", "--rounds", "2", "--epochs", "2", "--spacing", "cubic",
-                            "--json"])
+                            "--max-drop", "5", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["nonzero"][1] == 50610 - round(0.9 * 19200) - round(0.9 * 30000) - 500
@@ -55,7 +55,7 @@ def test_prune_refuses_to_overwrite_input_and_bad_ratio(base, tmp_path) -> None:
 def test_dense_format_threshold(base, tmp_path) -> None:
     out = tmp_path / "t.safetensors"
     r = runner.invoke(app, ["prune", str(base), "-o", str(out), "--method", "threshold",
-                            "--threshold", "0.05", "--format", "dense", "--json"])
+                            "--threshold", "0.05", "--format", "dense", "--force", "--json"])
     assert r.exit_code == 0, r.output
     m, ref = deepshrink.load(out), deepshrink.load(base)
     for name in ("2", "4", "6"):

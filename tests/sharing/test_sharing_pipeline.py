@@ -89,7 +89,8 @@ def test_cli_compress_json(trained: tuple[torch.nn.Module, Path], tmp_path: Path
     cfg = CompressConfig(prune_rounds=1, prune_train=QUICK, finetune=QUICK)
     (tmp_path / "c.json").write_text(cfg.to_json())
     r = CliRunner().invoke(app, ["compress", str(base), "-o", str(tmp_path / "c.dsz"), "--config",
-                                 str(tmp_path / "c.json"), "--sparsity", "0.7", "--bits", "3", "--json"])
+                                 str(tmp_path / "c.json"), "--sparsity", "0.7", "--bits", "3",
+                                 "--max-drop", "5", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert res["config"]["prune"]["ratio"] == 0.7 and res["config"]["sharing"]["bits"] == 3

@@ -10,6 +10,18 @@ import typer
 
 from deepshrink import distributed
 from deepshrink.cli.common import DEVICE_OPTION, JSON_OPTION, emit_json, err, friendly_errors, out
+from deepshrink.cli.core import DATASET
+from deepshrink.cli.guards import (
+    FORCE,
+    MAX_DROP,
+    Warnings,
+    check_drop,
+    check_size,
+    commit,
+    ratio_text,
+    staged,
+)
+from deepshrink.cli.modelio import data_extra, load_model, model_data, recorded_data
 from deepshrink.errors import ConfigError
 from deepshrink.fileio import refuse_overwrite
 from deepshrink.measure import ResultTable
@@ -31,7 +43,7 @@ def print_dsz_info(info: dict[str, Any]) -> None:
 
 def compress_config(cfg: CompressConfig, *, sparsity: float | None, bits: int | None,
                     conv_bits: int | None, epochs: int | None,
-                    device: str | None = None) -> CompressConfig:
+                    device: str | None = None, progress: bool = False) -> CompressConfig:
     """``cfg`` with the command-line options applied, every part re-validated (no field is
     assigned directly: each change goes through ``override``/``replace``, which run ``validate``)."""
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
@@ -48,7 +60,29 @@ def compress_config(cfg: CompressConfig, *, sparsity: float | None, bits: int | 
         cfg = cfg.override(prune_train=cfg.prune_train.override(device=device),
                            finetune=cfg.finetune.override(device=device) if cfg.finetune else None,
                            prune_final=cfg.prune_final.override(device=device) if cfg.prune_final else None)
+    if progress:  # every fine-tune shows its bar / status lines
+        cfg = cfg.override(prune_train=cfg.prune_train.override(progress=True),
+                           finetune=cfg.finetune.override(progress=True) if cfg.finetune else None,
+                           prune_final=cfg.prune_final.override(progress=True) if cfg.prune_final else None)
     return cfg
+
+
+def _share_guarded(model: Any, path: Path, bits: int | None, data: str | None,
+                   max_drop: float | None, force: bool, output: Path, warns: Warnings) -> float | None:
+    """k-means weight sharing (lossy) when ``bits`` is given, checked against ``max_drop``."""
+    from deepshrink.sharing import KMeansConfig, share
+    from deepshrink.train import evaluate
+
+    if bits is None:
+        return None
+    bundle = model_data(path, data)
+    from deepshrink.progress import step
+
+    with step(f"k-means weight sharing ({bits} bits) and evaluation"):
+        before = evaluate(model, bundle.loader("test", 512))["top1"]
+        share(model, KMeansConfig(bits=bits, conv_bits=bits, bias_bits=bits))
+        after = evaluate(model, bundle.loader("test", 512))["top1"]
+    return check_drop(before, after, max_drop, force, output, warns)
 
 
 def register(app: typer.Typer) -> None:
@@ -57,7 +91,7 @@ def register(app: typer.Typer) -> None:
     def compress_cmd(
         path: Path = typer.Argument(..., help="A trained model file (safetensors checkpoint, ...)."),
         output: Path = typer.Option(..., "--output", "-o", help="The .dsz file to write."),
-        data: str = typer.Option("digits", "--data", "-d", help="digits, fashion-mnist, mnist or a dir."),
+        data: str | None = DATASET,
         data_dir: Path | None = typer.Option(None, "--data-dir", help="Directory of IDX files."),
         config: Path | None = typer.Option(None, help="CompressConfig as JSON/YAML."),
         sparsity: float | None = typer.Option(None, help="Fraction of weights pruned (0 = no pruning)."),
@@ -65,25 +99,29 @@ def register(app: typer.Typer) -> None:
         conv_bits: int | None = typer.Option(None, help="k-means bits for conv weights."),
         epochs: int | None = typer.Option(None, help="Epochs per pruning round and for centroid tuning."),
         stage_dir: Path | None = typer.Option(None, help="Keep every stage's .dsz file here."),
+        max_drop: float | None = MAX_DROP,
+        force: bool = FORCE,
         device: str | None = DEVICE_OPTION,
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Prune -> share (k-means) -> fine-tune centroids -> Huffman-code, with a stage table.
-        Fine-tunes data-parallel when launched by torchrun; only rank 0 writes files."""
-        from deepshrink.checkpoint import load
-        from deepshrink.data import load_dataset
+        Fine-tunes data-parallel when launched by torchrun; only rank 0 writes files. Refuses to
+        write a result past --max-drop."""
         from deepshrink.sharing.pipeline import compress
 
         cfg = compress_config(CompressConfig.from_file(config) if config else CompressConfig(),
                               sparsity=sparsity, bits=bits, conv_bits=conv_bits, epochs=epochs,
-                              device=device)
-        refuse_overwrite(output, (path,))
-        model = load(path)
-        bundle = load_dataset(data, data_dir)
-        res = compress(model, bundle, cfg, output, stage_dir=stage_dir)
+                              device=device, progress=not as_json)
+        model, warns = load_model(path), Warnings()
+        bundle = model_data(path, data, data_dir)
+        with staged(output, (path,)) as tmp:
+            res = compress(model, bundle, cfg, tmp, stage_dir=stage_dir, extra=data_extra(bundle))
+            rows = res.table.rows
+            drop = check_drop(rows[0]["top1"], rows[-1]["top1"], max_drop, force, output, warns)
+            distributed.on_main(commit, tmp, output)
         if as_json:
             emit_json({"input": str(path), "output": str(output), "config": cfg.to_dict(),
-                       **res.to_dict()})
+                       "drop_pt": drop, "warnings": warns, **res.to_dict()})
         else:
             res.table.print(out)
             if distributed.is_main():  # other torchrun ranks wrote nothing
@@ -97,27 +135,34 @@ def register(app: typer.Typer) -> None:
         bits: int | None = typer.Option(None, help="Share weights with k-means first (bits)."),
         entropy: str = typer.Option("huffman", help="huffman or fixed."),
         codebook_dtype: str = typer.Option("float32", help="float32 or float16 codebooks."),
+        data: str | None = DATASET,
+        max_drop: float | None = MAX_DROP,
+        force: bool = FORCE,
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """Store a model as a .dsz file (shared weights as coded indices; others raw/sparse)."""
-        from deepshrink.checkpoint import load
+        """Store a model as a .dsz file (shared weights as coded indices; others raw/sparse).
+        With --bits (lossy), refuses to write a result past --max-drop."""
         from deepshrink.dsz import PackConfig, pack
         from deepshrink.measure import file_bytes
-        from deepshrink.sharing import KMeansConfig, share
 
-        model = load(path)
-        if bits is not None:
-            share(model, KMeansConfig(bits=bits, conv_bits=bits, bias_bits=bits))
-        rep = pack(model, output, PackConfig(entropy=entropy, codebook_dtype=codebook_dtype),
-                   protect=(path,))
+        model, warns = load_model(path), Warnings()
+        rec = recorded_data(path)
+        extra = {"data": rec.to_dict()} if rec else {}
+        with staged(output, (path,)) as tmp:
+            drop = _share_guarded(model, path, bits, data, max_drop, force, output, warns)
+            rep = pack(model, tmp, PackConfig(entropy=entropy, codebook_dtype=codebook_dtype),
+                       extra=extra, protect=(path,))
+            commit(tmp, output)
         res = {"input": str(path), "output": str(output), "input_bytes": file_bytes(path),
-               "bytes": rep.bytes, "ratio": file_bytes(path) / rep.bytes, **rep.entropy_summary()}
+               "bytes": rep.bytes, "ratio": file_bytes(path) / rep.bytes, "drop_pt": drop,
+               **rep.entropy_summary()}
+        check_size(res["input_bytes"], rep.bytes, warns)
         if as_json:
-            emit_json({**res, "tensors": rep.tensors})
+            emit_json({**res, "tensors": rep.tensors, "warnings": warns})
         else:
-            out.print(f"{path} ({res['input_bytes']} B) -> {output} ({rep.bytes} B, "
-                      f"{res['ratio']:.2f}x); coded/entropy {res['payload_over_entropy']:.4f}",
-                      highlight=False)
+            out.print(f"{path} ({res['input_bytes']:,} B) -> {output} ({rep.bytes:,} B, "
+                      f"{ratio_text(res['input_bytes'], rep.bytes)}); coded/entropy "
+                      f"{res['payload_over_entropy']:.4f}", highlight=False)
 
     @app.command("unpack")
     @friendly_errors
@@ -127,11 +172,17 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Decode a .dsz file into a safetensors checkpoint."""
+        from deepshrink.checkpoint import save
         from deepshrink.dsz import unpack
         from deepshrink.measure import file_bytes
 
         refuse_overwrite(output, (path,))
-        unpack(path, output)
+        rec = recorded_data(path)
+        if rec is None:
+            unpack(path, output)
+        else:  # keep the data record (a rebuildable model: the file records its spec)
+            save(load_model(path), output, extra={"data": rec.to_dict(), "unpacked_from": path.name},
+                 protect=(path,))
         if as_json:
             emit_json({"input": str(path), "output": str(output), "bytes": file_bytes(output)})
         else:

@@ -8,27 +8,39 @@ import torch
 import typer
 
 from deepshrink import distributed
-from deepshrink.checkpoint import load, save
+from deepshrink.checkpoint import save
 from deepshrink.cli.common import (
     DEVICE_OPTION,
     JSON_OPTION,
-    check_inputs,
     emit_json,
     err,
     first_images,
     friendly_errors,
-    json_object,
     out,
-    parse_shape,
 )
-from deepshrink.data import load_dataset
-from deepshrink.errors import ConfigError
+from deepshrink.cli.modelio import (
+    check_inputs,
+    data_extra,
+    dataset,
+    example_input,
+    factory_kwargs,
+    load_model,
+    model_data,
+    parse_model_args,
+)
+from deepshrink.cli.options import SESSION
 from deepshrink.measure import measure_model
 from deepshrink.models import create_model
+from deepshrink.progress import step
 from deepshrink.train import TrainConfig, evaluate, train
 
-DATASET = typer.Option("digits", "--data", "-d",
-                       help="digits (embedded), fashion-mnist, mnist, or a directory of IDX files.")
+DATASET = typer.Option(None, "--data", "-d",
+                       help="digits (embedded), fashion-mnist, mnist, or a directory of IDX files. "
+                            "Default: the dataset the model file records.")
+TRAIN_DATASET = typer.Option("digits", "--data", "-d",
+                             help="digits (embedded), fashion-mnist, mnist, or a directory of IDX files.")
+MODEL_ARG = typer.Option([], "--model-arg", help="NAME=VALUE passed to the model factory (VALUE as "
+                         "JSON, else a string); repeat.")
 DATA_DIR = typer.Option(None, "--data-dir", help="Directory of IDX files (overrides auto-detection).")
 
 
@@ -36,10 +48,14 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     @friendly_errors
     def train_cmd(
-        model: str = typer.Option(..., "--model", "-m", help="Registry name or module:callable."),
+        model: str = typer.Option(..., "--model", "-m", help="Registry name or module:callable "
+                                  "(called with in_size / in_channels / num_classes where it takes "
+                                  "them, plus --model-arg), or a model file / save_pretrained "
+                                  "folder to fine-tune."),
         output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.safetensors)."),
-        data: str = DATASET,
+        data: str = TRAIN_DATASET,
         data_dir: Path | None = DATA_DIR,
+        model_arg: list[str] = MODEL_ARG,
         model_args: str | None = typer.Option(None, help="JSON object of model arguments."),
         config: Path | None = typer.Option(None, help="TrainConfig as JSON/YAML."),
         epochs: int | None = typer.Option(None, help="Override config epochs."),
@@ -50,17 +66,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a model and save a rebuildable safetensors checkpoint. Runs data-parallel when
         launched by torchrun (see the README)."""
-        bundle = load_dataset(data, data_dir)
-        kwargs = {"in_size": bundle.in_size, "num_classes": bundle.num_classes}
-        kwargs.update(json_object(model_args, "--model-args"))
+        bundle = dataset(data, data_dir, path=Path(model))
+        if Path(model).exists():  # a model file or save_pretrained folder: fine-tune it
+            net = load_model(Path(model))
+        else:
+            torch.manual_seed(seed)
+            kwargs = factory_kwargs(model, bundle, parse_model_args(model_arg, model_args))
+            net = create_model(model, **kwargs)
         cfg = (TrainConfig.from_file(config) if config else TrainConfig()).override(
             epochs=epochs, lr=lr, seed=seed, device=device)
-        torch.manual_seed(seed)
-        net = create_model(model, **kwargs)
         check_inputs(net, first_images(bundle, "train"), f"{bundle.name} images")
         result = train(net, bundle, cfg)
         test = evaluate(net, bundle.loader("test", 512))
-        distributed.on_main(save, net, output, extra={"dataset": bundle.name, "train": cfg.to_dict(),
+        distributed.on_main(save, net, output, extra={**data_extra(bundle, data), "train": cfg.to_dict(),
                                                       "test": test})
         res = {"model": model, "output": str(output), "test": test, "history": result.history}
         if as_json:
@@ -81,10 +99,11 @@ def register(app: typer.Typer) -> None:
         """Top-1/top-5 accuracy of a saved model on a held-out split."""
         from deepshrink.cli.early_exit import exit_summary, print_exit_summary
 
-        net = load(path)
-        bundle = load_dataset(data, data_dir)
-        check_inputs(net, first_images(bundle, split), f"{bundle.name} images")
-        res = evaluate(net, bundle.loader(split, 512))
+        net = load_model(path)
+        bundle = model_data(path, data, data_dir)
+        check_inputs(net, first_images(bundle, split), f"{bundle.name} images", path)
+        with step(f"evaluating {path.name} on {bundle.name} ({split})", enabled=not as_json):
+            res = evaluate(net, bundle.loader(split, 512))
         exits = exit_summary(net, bundle.loader(split, 512))  # multi-exit: shares, mean MACs
         if as_json:
             emit_json({"path": str(path), "split": split, **res, **({"exits": exits} if exits else {})})
@@ -98,16 +117,21 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def info_cmd(
         path: Path = typer.Argument(..., help="A model file written by deepshrink."),
-        input_shape: str = typer.Option("1,28,28", help="Input shape without batch, for MACs."),
+        shape_opt: str | None = typer.Option(None, "--input-shape", help="Input shape without "
+                                             "batch, for MACs (default: the file's record)."),
         latency: bool = typer.Option(False, help="Also time batch 1 and 256."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Summary: parameters, MACs, bytes on disk, sparsity per layer."""
-        shape = parse_shape(input_shape, "--input-shape")
-        net = load(path)
-        check_inputs(net, torch.rand(1, *shape), "--input-shape inputs")
-        rep = measure_model(net, torch.rand(1, *shape), name=path.name, file=path,
-                            latency_batches=(1, 256) if latency else ())
+        example = example_input(path, shape_opt)
+        net = load_model(path)
+        check_inputs(net, example, "inputs", path)
+        with step(f"measuring {path.name}" + (" (timing batch 1 and 256)" if latency else ""),
+                  enabled=not as_json):
+            rep = measure_model(net, example, name=path.name, file=path,
+                                latency_batches=(1, 256) if latency else ())
+        if getattr(net, "onnx_params", None):  # an ONNX graph: weights live in the graph, not torch
+            rep.params = rep.nonzero = net.onnx_params
         from deepshrink.cli.early_exit import exit_summary, print_exit_summary
         from deepshrink.dsz import dsz_info, is_dsz  # .dsz files also show their sections
         from deepshrink.models import get_spec
@@ -140,15 +164,12 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(
         output: Path = typer.Option(Path("demo-out"), "--output", "-o", help="Directory for files."),
         quick: bool = typer.Option(False, help="Fewer epochs (for tests)."),
-        threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Train on the embedded digits data and run the whole compression pipeline."""
         from deepshrink.demo import run_demo
 
-        if threads is not None and not 1 <= threads <= 1024:
-            raise ConfigError(f"--threads must be between 1 and 1024, got {threads}")
-        table = run_demo(output, quick=quick, progress=not as_json, threads=threads)
+        table = run_demo(output, quick=quick, progress=not as_json, threads=SESSION.threads)
         if as_json:
             emit_json(table.to_dict())
         else:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
 
 from deepshrink import distributed
-from deepshrink.checkpoint import load, save
-from deepshrink.cli.common import DEVICE_OPTION, JSON_OPTION, emit_json, friendly_errors, json_object, out
-from deepshrink.data import load_dataset
+from deepshrink.checkpoint import save
+from deepshrink.cli.common import DEVICE_OPTION, JSON_OPTION, emit_json, friendly_errors, out
+from deepshrink.cli.core import DATASET
+from deepshrink.cli.modelio import data_extra, factory_kwargs, load_model, model_data, parse_model_args
 from deepshrink.errors import ConfigError
 from deepshrink.train import TrainConfig, evaluate
 
@@ -25,6 +27,41 @@ def _parse_hints(items: list[str]) -> dict[str, str]:
     return hints
 
 
+def _kd_config(config: Path | None, temperature: float | None, alpha: float | None,
+               combine: str | None, weights: str | None, no_cache: bool, hint: list[str]) -> Any:
+    from deepshrink.distill import KDConfig
+
+    try:
+        w = tuple(float(v) for v in weights.split(",")) if weights else None
+    except ValueError as exc:
+        raise ConfigError(f"--weights must be comma-separated numbers, got {weights!r}") from exc
+    kd = KDConfig.from_file(config) if config else KDConfig()
+    return kd.override(temperature=temperature, alpha=alpha, combine=combine, weights=w,
+                       cache=False if no_cache else None, hints=_parse_hints(hint) or None)
+
+
+def _student(student: str, bundle: Any, args: dict[str, Any]) -> Any:
+    """A student model file, or a new model from a registry name / module:callable."""
+    from deepshrink.models import create_model
+
+    if Path(student).is_file():
+        if args:
+            raise ConfigError("--student-arg(s) apply to a registry name, not to a model file")
+        return load_model(Path(student))
+    return create_model(student, **factory_kwargs(student, bundle, args))
+
+
+def _teacher_accuracy(paths: list[Path], teachers: list[Any], ens: Any, kd: Any, loader: Any
+                      ) -> dict[str, float]:
+    acc = {str(p): evaluate(t, loader)["top1"] for p, t in zip(paths, teachers, strict=True)}
+    if len(teachers) > 1:
+        from deepshrink.distill import teacher_log_probs
+
+        acc["ensemble"] = evaluate(
+            lambda x: teacher_log_probs(ens(x), 1.0, kd.combine, kd.weights), loader)["top1"]
+    return acc
+
+
 def register(app: typer.Typer) -> None:
     @app.command("distill")
     @friendly_errors
@@ -34,11 +71,12 @@ def register(app: typer.Typer) -> None:
         student: str = typer.Option(..., "--student", "-s",
                                     help="A model file (e.g. a pruned model) or a registry name."),
         output: Path = typer.Option(..., "--output", "-o", help="Student checkpoint to write."),
-        data: str = typer.Option("digits", "--data", "-d",
-                                 help="digits (embedded), fashion-mnist, mnist, or an IDX directory."),
+        data: str | None = DATASET,
         data_dir: Path | None = typer.Option(None, "--data-dir", help="Directory of IDX files."),
         student_args: str | None = typer.Option(None, help="JSON object of model arguments "
                                                 "(registry name only), e.g. '{\"hidden\": 30}'."),
+        student_arg: list[str] = typer.Option([], "--student-arg", help="NAME=VALUE for the student "
+                                              "factory (VALUE as JSON, else a string); repeat."),
         temperature: float | None = typer.Option(None, "--temperature", "-T", help="Softmax temperature."),
         alpha: float | None = typer.Option(None, help="Weight of the soft term: 1 = soft only, "
                                            "0 = labels only."),
@@ -56,47 +94,27 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Distil one teacher or an ensemble into a student; report teacher and student accuracy.
         Trains data-parallel when launched by torchrun (the teacher cache is built once, split)."""
-        from deepshrink.distill import KDConfig, Teacher, distill
-        from deepshrink.models import create_model
+        from deepshrink.distill import Teacher, distill
 
         inputs = [*teacher, *([Path(student)] if Path(student).is_file() else [])]
         if any(output.exists() and output.resolve() == p.resolve() for p in inputs):
             raise ConfigError(f"--output {output} is one of the input model files",
                               hint="choose another output path")
-        bundle = load_dataset(data, data_dir)
-        try:
-            w = tuple(float(v) for v in weights.split(",")) if weights else None
-        except ValueError as exc:
-            raise ConfigError(f"--weights must be comma-separated numbers, got {weights!r}") from exc
-        kd = KDConfig.from_file(config) if config else KDConfig()
-        kd = kd.override(temperature=temperature, alpha=alpha, combine=combine, weights=w,
-                         cache=False if no_cache else None, hints=_parse_hints(hint) or None)
+        teachers = [load_model(p) for p in teacher]
+        bundle = model_data(teacher[0], data, data_dir)
+        kd = _kd_config(config, temperature, alpha, combine, weights, no_cache, hint)
         tc = TrainConfig.from_file(train_config) if train_config else TrainConfig()
         tc = tc.override(epochs=epochs, lr=lr, seed=seed, device=device)
-        teachers = [load(p) for p in teacher]
         torch.manual_seed(seed)
-        if Path(student).is_file():
-            if student_args:
-                raise ConfigError("--student-args applies to a registry name, not to a model file")
-            net = load(student)
-        else:
-            kwargs = {"in_size": bundle.in_size, "num_classes": bundle.num_classes}
-            kwargs.update(json_object(student_args, "--student-args"))
-            net = create_model(student, **kwargs)
+        net = _student(student, bundle, parse_model_args(student_arg, student_args))
         test_loader = bundle.loader("test", 512)
         before = evaluate(net, test_loader)["top1"]
-        teacher_acc = {str(p): evaluate(t, test_loader)["top1"]
-                       for p, t in zip(teacher, teachers, strict=True)}
         ens = Teacher(teachers)
-        if len(teachers) > 1:
-            from deepshrink.distill import teacher_log_probs
-
-            teacher_acc["ensemble"] = evaluate(
-                lambda x: teacher_log_probs(ens(x), 1.0, kd.combine, kd.weights), test_loader)["top1"]
+        teacher_acc = _teacher_accuracy(teacher, teachers, ens, kd, test_loader)
         distill(net, kd, teacher=ens, data=bundle, train_config=tc)
         test = evaluate(net, test_loader)
         distributed.on_main(save, net, output, extra={
-            "dataset": bundle.name, "distill": kd.to_dict(), "train": tc.to_dict(),
+            **data_extra(bundle), "distill": kd.to_dict(), "train": tc.to_dict(),
             "teachers": [str(p) for p in teacher], "test": test})
         res = {"output": str(output), "teacher_test_top1": teacher_acc, "student_before_top1": before,
                "student_test": test, "kd_config": kd.to_dict()}

@@ -12,9 +12,9 @@ import torch
 import typer
 from rich.table import Table
 
-from deepshrink.checkpoint import load, read_metadata, save
+from deepshrink.checkpoint import read_metadata, save
 from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out
-from deepshrink.data import load_dataset
+from deepshrink.cli.modelio import data_extra, load_model, model_data
 from deepshrink.early_exit import (
     CalibrationConfig,
     ExitConfig,
@@ -82,7 +82,8 @@ def register(app: typer.Typer) -> None:
     def early_exit_cmd(
         path: Path = typer.Argument(..., help="A model file (or a multi-exit file to recalibrate)."),
         output: Path = typer.Option(..., "--output", "-o", help="Multi-exit checkpoint to write."),
-        data: str = typer.Option("digits", "--data", "-d", help="digits, fashion-mnist, mnist, IDX dir."),
+        data: str | None = typer.Option(None, "--data", "-d", help="digits, fashion-mnist, mnist, IDX "
+                                        "dir (default: the file's recorded dataset)."),
         data_dir: Path | None = typer.Option(None, "--data-dir", help="Directory of IDX files."),
         budget: float = typer.Option(0.5, help="Accuracy points the exits may lose on validation."),
         points: str | None = typer.Option(None, help="Comma-separated module names (default: suggested)."),
@@ -103,8 +104,8 @@ def register(app: typer.Typer) -> None:
         """Early exits (BranchyNet): heads at intermediate layers, calibrated on validation."""
         if output.exists() and path.exists() and output.resolve() == path.resolve():
             raise ConfigError(f"--output {output} is the input model file", hint="choose another output path")
-        bundle = load_dataset(data, data_dir)
-        net = load(path)
+        net = load_model(path)
+        bundle = model_data(path, data, data_dir)
         torch.manual_seed(seed)
         tc = ExitTrainConfig(mode="heads").override(mode=mode)
         tc = tc.override(train=tc.train.override(epochs=epochs if epochs is not None else 5, lr=lr,
@@ -127,7 +128,7 @@ def register(app: typer.Typer) -> None:
         if orig_top1 is None:
             with multi.all_heads():
                 orig_top1 = evaluate(multi, test_loader)["top1"]  # the final head = the full model
-        save(multi, output, extra={"dataset": bundle.name, "budget_pt": budget, "test": rep.to_dict(),
+        save(multi, output, extra={**data_extra(bundle), "budget_pt": budget, "test": rep.to_dict(),
                                    "calibration": {k: v for k, v in cal.to_dict().items() if k != "curve"}})
         res = {"output": str(output), "original_test_top1": orig_top1, "test": rep.to_dict(),
                "calibration": cal.to_dict(), "train": tc.to_dict()}

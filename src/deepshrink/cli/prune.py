@@ -3,7 +3,6 @@ fine-tuning, written as a compact sparse file (weights) or a smaller architectur
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,25 @@ import torch
 import typer
 
 from deepshrink import distributed
-from deepshrink.checkpoint import load, save
-from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out
+from deepshrink.checkpoint import save
+from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out, parse_shape
+from deepshrink.cli.core import DATASET
+from deepshrink.cli.guards import (
+    FORCE,
+    MAX_DROP,
+    Warnings,
+    check_drop,
+    check_patterns,
+    check_size,
+    commit,
+    layer_names,
+    ratio_text,
+    staged,
+)
+from deepshrink.cli.modelio import data_extra, load_model, model_data
 from deepshrink.errors import ConfigError
 from deepshrink.measure import ResultTable, count_params, file_bytes
+from deepshrink.progress import step
 
 METHODS = ("magnitude", "layer", "global", "threshold", "quality", "channel")
 SCHEDULES = ("oneshot", "iterative", "gradual")
@@ -46,18 +60,94 @@ def _unstructured_config(method: str, ratio: float, scope: str, threshold: float
                               quality=quality, overrides=overrides, skip_last=skip_last)
 
 
-def _save_dense(model: Any, output: Path, input: Path, cfg: Any) -> None:
-    from deepshrink.fileio import atomic_path
+def _check_options(method: str, schedule: str, fmt: str, rounds: int, epochs: int) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if fmt not in ("compact", "dense"):
+        raise ConfigError(f"--format must be 'compact' or 'dense', got {fmt!r}")
+    if rounds < 1 or epochs < 0:
+        raise ConfigError(f"--rounds must be >= 1 and --epochs >= 0, got {rounds}, {epochs}")
 
-    with atomic_path(output, protect=(input,)) as tmp:
-        save(model, tmp, extra={"pruning": cfg.to_dict()})
+
+def _prune_channels(model: Any, bundle: Any, cfg: Any, input_shape: str | None, ft: Any | None,
+                    seed: int) -> Any:
+    from deepshrink.pruning import prune
+    from deepshrink.train import train
+
+    example = (torch.rand(2, *parse_shape(input_shape, "--input-shape")) if input_shape
+               else bundle.test.tensors[0][:2])
+    calib = bundle.loader("train", 64, seed=seed)
+    model = prune(model, cfg, example_inputs=example, calibration=calib)
+    if ft is not None:
+        train(model, bundle, ft)
+    return model
+
+
+def _prune_unstructured(model: Any, bundle: Any, cfg: Any, ft: Any, schedule: str, rounds: int,
+                        spacing: str, tune: bool) -> dict[str, Any]:
+    """Prune ``model`` in place on ``schedule`` (fine-tuning with ``ft`` when ``tune``, and always
+    on the iterative and gradual schedules); returns the schedule's log for the JSON."""
+    from deepshrink.pruning import (
+        GradualPruning,
+        MaskCallback,
+        gradual_frequency,
+        iterative_prune,
+        make_permanent,
+        prune,
+    )
+    from deepshrink.train import train
+
+    info: dict[str, Any] = {}
+    if schedule == "iterative":
+        _, hist = iterative_prune(model, cfg, bundle, ft, rounds=rounds, spacing=spacing)
+        info["rounds"] = [h.to_dict() for h in hist]
+    elif schedule == "gradual":
+        steps = len(bundle.loader("train", ft.batch_size)) * ft.epochs
+        cb = GradualPruning(cfg, n=rounds, frequency=gradual_frequency(steps, rounds))
+        train(model, bundle, ft, callbacks=[cb])
+        info["gradual"] = [{"step": t, "sparsity": s} for t, s in cb.log]
+    else:
+        prune(model, cfg)
+        if tune:
+            train(model, bundle, ft, callbacks=[MaskCallback()])
+    make_permanent(model)
+    return info
+
+
+def _write(model: Any, tmp: Path, input: Path, cfg: Any, bundle: Any, compact: bool) -> None:
+    from deepshrink.pruning import save_sparse
+
+    extra = {**data_extra(bundle), "pruning": cfg.to_dict()}
+    if compact:
+        save_sparse(model, tmp, extra=extra, protect=(input,))
+    else:
+        save(model, tmp, extra=extra, protect=(input,))
+
+
+def _counts(model: Any, before: tuple[int, int], input: Path, output: Path, warns: Warnings
+            ) -> dict[str, Any]:
+    """Params, non-zeros and file bytes before and after (a warning when not smaller)."""
+    after, sizes = count_params(model), [file_bytes(input), file_bytes(output)]
+    check_size(*sizes, warns)
+    return {"params": [before[0], after[0]], "nonzero": [before[1], after[1]], "bytes": sizes}
+
+
+def _print(res: dict[str, Any], method: str, title: str, output: Path) -> None:
+    (total0, total1), (nz0, nz1) = res["params"], res["nonzero"]
+    (b0, b1), (a0, a1) = res["bytes"], res["test_top1"]
+    rows = [{"model": "input", "params": total0, "nonzero": nz0, "bytes": b0, "top1": a0},
+            {"model": "pruned", "params": total1, "nonzero": nz1, "bytes": b1, "top1": a1}]
+    ResultTable(f"deepshrink prune ({method}, {title})", rows).print(out)
+    out.print(f"-> {output} ({ratio_text(b0, b1)})")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("prune")
     @friendly_errors
     def prune_cmd(
-        input: Path = typer.Argument(..., help="A model file written by deepshrink."),
+        input: Path = typer.Argument(..., help="A model file (see `deepshrink info`)."),
         output: Path = typer.Option(..., "--output", "-o", help="Pruned model file to write."),
         method: str = typer.Option("magnitude", help=f"One of {', '.join(METHODS)}. 'layer'/'global' "
                                    "are magnitude pruning with that scope; 'channel' is structured."),
@@ -77,109 +167,52 @@ def register(app: typer.Typer) -> None:
                                     "left each round) or 'cubic' (big steps first, small near the target)."),
         epochs: int = typer.Option(0, help="Fine-tune epochs (per round when iterative)."),
         lr: float = typer.Option(1e-3, help="Fine-tune learning rate."),
-        data: str = typer.Option("digits", "--data", "-d", help="digits, fashion-mnist, mnist or a "
-                                 "directory of IDX files: fine-tuning, calibration and the report."),
+        data: str | None = DATASET,
         data_dir: Path | None = typer.Option(None, help="Directory of IDX files."),
-        evaluate_acc: bool = typer.Option(False, "--evaluate", help="Report test accuracy even "
-                                          "without fine-tuning (needs --data to match the model)."),
-        input_shape: str = typer.Option("1,28,28", help="channel: input shape (no batch) when no "
-                                        "data is loaded."),
+        input_shape: str | None = typer.Option(None, help="channel: example input shape (no batch); "
+                                               "default: the data's."),
         fmt: str = typer.Option("compact", "--format", help="unstructured: 'compact' (relative-index "
                                 "sparse file, smaller) or 'dense' (ordinary checkpoint with zeros)."),
+        max_drop: float | None = MAX_DROP,
+        force: bool = FORCE,
         seed: int = typer.Option(0),
         device: str = typer.Option("cpu", "--device", help="Fine-tune on cpu, cuda (under torchrun: "
                                    "each process's own GPU), cuda:N or auto."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Prune a saved model; never overwrites the input file. Fine-tunes data-parallel when
-        launched by torchrun."""
-        from deepshrink.data import load_dataset
-        from deepshrink.pruning import (
-            ChannelConfig,
-            GradualPruning,
-            MaskCallback,
-            gradual_frequency,
-            iterative_prune,
-            make_permanent,
-            prune,
-            save_sparse,
-        )
-        from deepshrink.train import TrainConfig, evaluate, train
+        launched by torchrun. Refuses to write a result past --max-drop."""
+        from deepshrink.pruning import ChannelConfig
+        from deepshrink.train import TrainConfig, evaluate
 
-        if method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        if fmt not in ("compact", "dense"):
-            raise ConfigError(f"--format must be 'compact' or 'dense', got {fmt!r}")
-        if rounds < 1 or epochs < 0:
-            raise ConfigError(f"--rounds must be >= 1 and --epochs >= 0, got {rounds}, {epochs}")
+        _check_options(method, schedule, fmt, rounds, epochs)
         torch.manual_seed(seed)
-        model = load(input)
-        in_bytes = file_bytes(input)
-        total0, nz0 = count_params(model)
-        channel = method == "channel"
-        needs_data = epochs > 0 or schedule != "oneshot" or evaluate_acc or (
-            channel and importance in ("activation", "apoz", "taylor"))
-        bundle = load_dataset(data, data_dir) if needs_data else None
+        model = load_model(input)
+        bundle = model_data(input, data, data_dir)
+        channel, warns = method == "channel", Warnings()
+        before, counts0 = evaluate(model, bundle.loader("test", 512))["top1"], count_params(model)
         ft = TrainConfig(epochs=max(epochs, 1), lr=lr, seed=seed, keep_best=schedule != "gradual",
                          progress=not as_json, device=device)
-        acc_before = evaluate(model, bundle.loader("test", 512))["top1"] if bundle else None
-        info: dict[str, Any] = {}
-
+        check_patterns(layer_names(model), _overrides(override), "--override", warns)
         if channel:
             cfg: Any = (ChannelConfig.from_file(config) if config else
                         ChannelConfig(ratio=ratio, importance=importance, overrides=_overrides(override),
                                       hidden=hidden))
-            if bundle is not None:
-                example = bundle.test.tensors[0][:2]
-            else:
-                try:
-                    example = torch.rand(2, *(int(s) for s in input_shape.split(",")))
-                except ValueError as exc:
-                    raise ConfigError(f"--input-shape must be comma-separated ints, "
-                                      f"got {input_shape!r}") from exc
-            calib = bundle.loader("train", 64, seed=seed) if bundle is not None else None
-            model = prune(model, cfg, example_inputs=example, calibration=calib)
-            if epochs > 0:
-                train(model, bundle, ft)
-            distributed.on_main(_save_dense, model, output, input, cfg)
+            model, info = _prune_channels(model, bundle, cfg, input_shape, ft if epochs else None, seed), {}
         else:
             cfg = _unstructured_config(method, ratio, scope, threshold, quality, _overrides(override),
                                        skip_last, config)
-            if schedule == "iterative":
-                _, hist = iterative_prune(model, cfg, bundle, dataclasses.replace(ft, epochs=max(epochs, 1)),
-                                          rounds=rounds, spacing=spacing)
-                info["rounds"] = [h.to_dict() for h in hist]
-            elif schedule == "gradual":
-                steps = len(bundle.loader("train", ft.batch_size)) * ft.epochs
-                cb = GradualPruning(cfg, n=rounds, frequency=gradual_frequency(steps, rounds))
-                train(model, bundle, ft, callbacks=[cb])
-                info["gradual"] = [{"step": t, "sparsity": s} for t, s in cb.log]
-            else:
-                prune(model, cfg)
-                if epochs > 0:
-                    train(model, bundle, ft, callbacks=[MaskCallback()])
-            make_permanent(model)
-            if fmt == "compact":
-                distributed.on_main(save_sparse, model, output, extra={"pruning": cfg.to_dict()},
-                                    protect=(input,))
-            else:
-                distributed.on_main(_save_dense, model, output, input, cfg)
-
-        total1, nz1 = count_params(model)
-        acc_after = evaluate(model, bundle.loader("test", 512))["top1"] if bundle else None
+            info = _prune_unstructured(model, bundle, cfg, ft, schedule, rounds, spacing, epochs > 0)
+        with step("evaluating the pruned model", enabled=not as_json):
+            after = evaluate(model, bundle.loader("test", 512))["top1"]
+        with staged(output, (input,)) as tmp:
+            drop = check_drop(before, after, max_drop, force, output, warns)
+            distributed.on_main(_write, model, tmp, input, cfg, bundle, fmt == "compact" and not channel)
+            distributed.on_main(commit, tmp, output)
         res = {"input": str(input), "output": str(output), "config": cfg.to_dict(),
-               "schedule": None if channel else schedule,
-               "params": [total0, total1], "nonzero": [nz0, nz1],
-               "bytes": [in_bytes, file_bytes(output)],
-               "test_top1": [acc_before, acc_after], **info}
+               "schedule": None if channel else schedule, **_counts(model, counts0, input, output, warns),
+               "test_top1": [before, after], "drop_pt": drop, "warnings": warns, **info}
         if as_json:
             emit_json(res)
-            return
-        rows = [{"model": "input", "params": total0, "nonzero": nz0, "bytes": in_bytes,
-                 "top1": acc_before},
-                {"model": "pruned", "params": total1, "nonzero": nz1, "bytes": file_bytes(output),
-                 "top1": acc_after}]
-        ResultTable(f"deepshrink prune ({method}, {'structured' if channel else schedule})", rows).print(out)
-        out.print(f"-> {output}")
+        else:
+            _print(res, method, "structured" if channel else schedule, output)

@@ -11,9 +11,11 @@ from typing import Any
 import torch
 import typer
 
-from deepshrink.checkpoint import load, save
+from deepshrink.checkpoint import save
 from deepshrink.cli.common import JSON_OPTION, emit_json, friendly_errors, out
 from deepshrink.cli.core import DATA_DIR, DATASET
+from deepshrink.cli.guards import FORCE, MAX_DROP, Warnings, check_drop, commit, staged
+from deepshrink.cli.modelio import data_extra, load_model, model_data
 from deepshrink.errors import ConfigError
 from deepshrink.measure import ResultTable, count_macs, count_params
 
@@ -33,17 +35,18 @@ def _overrides(items: list[str], what: str) -> dict[str, int]:
     return res
 
 
-def _run(path: Path, output: Path, data: str, data_dir: Path | None, transform: Any,
-         epochs: int, lr: float, no_kd: bool, seed: int, as_json: bool) -> None:
-    """Load, rewrite with ``transform(model, bundle, x) -> RedesignReport``, fine-tune, save, report."""
-    from deepshrink.data import load_dataset
+def _run(path: Path, output: Path, data: str | None, data_dir: Path | None, transform: Any,
+         epochs: int, lr: float, no_kd: bool, seed: int, as_json: bool,
+         guard: tuple[float | None, bool] = (None, False)) -> None:
+    """Load, rewrite with ``transform(model, bundle, x) -> RedesignReport``, fine-tune, check the
+    drop against ``guard`` (--max-drop, --force), save, report."""
     from deepshrink.redesign import recover
     from deepshrink.train import TrainConfig, evaluate
 
     if output.exists() and output.resolve() == path.resolve():
         raise ConfigError(f"--output {output} is the input file", hint="choose another output path")
-    original = load(path)
-    bundle = load_dataset(data, data_dir)
+    original = load_model(path)
+    bundle = model_data(path, data, data_dir)
     x = bundle.test.tensors[0][:1]
     test = bundle.loader("test", 512)
     before = {"params": count_params(original)[0], "macs": count_macs(original, x)[0],
@@ -57,9 +60,14 @@ def _run(path: Path, output: Path, data: str, data_dir: Path | None, transform: 
         recover(model, bundle, tc, teacher=None if no_kd else original)
     after = {"params": count_params(model)[0], "macs": count_macs(model, x)[0],
              "test_top1_before_finetune": fitted, "test_top1": evaluate(model, test)["top1"]}
-    save(model, output, extra={"dataset": bundle.name, "redesign": report.to_dict(),
-                               "finetune_epochs": epochs, "kd": not no_kd and epochs > 0})
-    res = {"input": str(path), "output": str(output), "before": before, "after": after, **report.to_dict()}
+    warns = Warnings()
+    with staged(output, (path,)) as tmp:
+        drop = check_drop(before["test_top1"], after["test_top1"], *guard, output, warns)
+        save(model, tmp, extra={**data_extra(bundle), "redesign": report.to_dict(),
+                                "finetune_epochs": epochs, "kd": not no_kd and epochs > 0})
+        commit(tmp, output)
+    res = {"input": str(path), "output": str(output), "before": before, "after": after,
+           "drop_pt": drop, "warnings": warns, **report.to_dict()}
     if as_json:
         emit_json(res)
         return
@@ -88,8 +96,9 @@ def register(app: typer.Typer) -> None:
         ignore: list[str] = typer.Option([], help="Layer-name regex never factorized; repeatable."),
         config: Path | None = typer.Option(None, help="LowRankConfig as JSON/YAML (options override it)."),
         no_speed_check: bool = NO_SPEED,
-        data: str = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
-        no_kd: bool = NO_KD, seed: int = typer.Option(0), as_json: bool = JSON_OPTION,
+        data: str | None = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
+        no_kd: bool = NO_KD, seed: int = typer.Option(0), max_drop: float | None = MAX_DROP,
+        force: bool = FORCE, as_json: bool = JSON_OPTION,
     ) -> None:
         """Low-rank factorization of Linear/Conv2d layers (truncated SVD / Tucker-2 / CP)."""
         from deepshrink.redesign import LowRankConfig, factorize_with_report
@@ -102,7 +111,7 @@ def register(app: typer.Typer) -> None:
                            ignore=tuple(ignore) or None, check_speed=False if no_speed_check else None)
         _run(path, output, data, data_dir,
              lambda m, b, x: factorize_with_report(m, cfg, example_inputs=x, calibration=b),
-             epochs, lr, no_kd, seed, as_json)
+             epochs, lr, no_kd, seed, as_json, (max_drop, force))
 
     @app.command("separable")
     @friendly_errors
@@ -116,8 +125,9 @@ def register(app: typer.Typer) -> None:
         budget: float | None = typer.Option(None, help="Replace layers until MACs are this fraction."),
         config: Path | None = typer.Option(None, help="SeparableConfig as JSON/YAML (options override it)."),
         no_speed_check: bool = NO_SPEED,
-        data: str = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
-        no_kd: bool = NO_KD, seed: int = typer.Option(0), as_json: bool = JSON_OPTION,
+        data: str | None = DATASET, data_dir: Path | None = DATA_DIR, epochs: int = EPOCHS, lr: float = LR,
+        no_kd: bool = NO_KD, seed: int = typer.Option(0), max_drop: float | None = MAX_DROP,
+        force: bool = FORCE, as_json: bool = JSON_OPTION,
     ) -> None:
         """Depthwise-separable substitution of k x k convolutions, fitted on calibration data."""
         from deepshrink.redesign import SeparableConfig, separate_with_report
@@ -128,7 +138,7 @@ def register(app: typer.Typer) -> None:
                            check_speed=False if no_speed_check else None)
         _run(path, output, data, data_dir,
              lambda m, b, x: separate_with_report(m, cfg, calibration=b),
-             epochs, lr, no_kd, seed, as_json)
+             epochs, lr, no_kd, seed, as_json, (max_drop, force))
 
 
 def print_rewrites(rows: list[dict[str, Any]]) -> None:

@@ -14,9 +14,9 @@ from deepshrink import distributed
 from deepshrink.cli.common import JSON_OPTION, emit_json, err, friendly_errors, out
 from deepshrink.errors import ConfigError, FormatError
 
-DATA = typer.Option("digits", "--data", "-d", help="digits (embedded), fashion-mnist, mnist, or an IDX dir.")
+DATA = typer.Option(None, "--data", "-d", help="digits (embedded), fashion-mnist, mnist, or an IDX dir "
+                    "(default: the dataset the model file records).")
 DATA_DIR = typer.Option(None, "--data-dir", help="Directory of IDX files (overrides auto-detection).")
-THREADS = typer.Option(1, "--threads", help="torch threads (1 gives steady timings on shared machines).")
 MAX_RESULTS_BYTES = 64 << 20
 
 
@@ -25,12 +25,12 @@ def _command() -> str:
 
 
 def _model(path: Path) -> torch.nn.Module:
-    from deepshrink.checkpoint import load
+    from deepshrink.cli.modelio import load_model
 
     if not path.exists():
         raise ConfigError(f"--model {path}: no such file",
                           hint="give a trained model file (deepshrink train -o model.safetensors)")
-    return load(path)
+    return load_model(path)
 
 
 def register(app: typer.Typer) -> None:
@@ -41,22 +41,20 @@ def register(app: typer.Typer) -> None:
                                       "name: deep-compression, int8-ort, structured-int8, distill-int8, "
                                       "max-compression."),
         model: Path = typer.Option(..., "--model", "-m", help="A trained model file."),
-        data: str = DATA,
+        data: str | None = DATA,
         data_dir: Path | None = DATA_DIR,
         output: Path = typer.Option(..., "--out", "-o",
                                     help="Directory for artifacts, results.json, report.html."),
-        threads: int = THREADS,
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Run a recipe: every stage's artifact, measured after each stage, plus an HTML report."""
-        from deepshrink.data import load_dataset
+        from deepshrink.cli.modelio import model_data
         from deepshrink.measure import ResultTable
         from deepshrink.report import write_report
         from deepshrink.workflow import load_recipe, run_recipe
 
-        torch.set_num_threads(threads)
         rec = load_recipe(recipe)  # validated before anything is loaded or trained
-        res = run_recipe(rec, _model(model), load_dataset(data, data_dir), output, model_file=model,
+        res = run_recipe(rec, _model(model), model_data(model, data, data_dir), output, model_file=model,
                          progress=not as_json, command=_command())
         distributed.on_main(write_report, res.results, output / "report.html")
         if as_json:
@@ -74,7 +72,7 @@ def register(app: typer.Typer) -> None:
     @friendly_errors
     def shrink_cmd(
         model: Path = typer.Argument(..., help="A trained model file."),
-        data: str = DATA,
+        data: str | None = DATA,
         data_dir: Path | None = DATA_DIR,
         output: Path = typer.Option(Path("shrink-out"), "--out", "-o",
                                     help="Directory (state, trials, report); the same one resumes."),
@@ -88,20 +86,18 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         device: str = typer.Option("cpu", "--device", help="Trials' fine-tunes: cpu, cuda, cuda:N or auto "
                                    "(under torchrun: this process's GPU)."),
-        threads: int = THREADS,
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Search compositions of techniques for the smallest / fastest model within --max-drop."""
-        from deepshrink.data import load_dataset
+        from deepshrink.cli.modelio import model_data
         from deepshrink.measure import ResultTable
         from deepshrink.report import write_report
         from deepshrink.workflow.search import SearchConfig, search
 
-        torch.set_num_threads(threads)
         cfg = SearchConfig(objective=objective, max_drop=max_drop, target=target,
                            time_budget=time_budget, seed=seed, device=device).override(
             candidates=candidates, rungs=rungs, epochs_scale=epochs_scale)
-        res = search(_model(model), load_dataset(data, data_dir), cfg, output, model_file=model,
+        res = search(_model(model), model_data(model, data, data_dir), cfg, output, model_file=model,
                      command=_command(), progress=not as_json)
         if "selected" not in res.results:  # cannot happen without max_trials; kept for clarity
             raise ConfigError("the search stopped before selecting a model")

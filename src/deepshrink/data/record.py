@@ -14,8 +14,10 @@ from typing import Any
 from deepshrink.data.datasets import DataBundle
 from deepshrink.errors import DataError, FormatError
 
-#: How images are scaled before they reach the model. One value today: the loaders' own.
+#: How images are scaled before they reach the model: the loaders' own.
 PREPROCESSING = "scale-0-1"
+#: Text tokenized by the (local) tokenizer folder the record names, padded to the input shape.
+TOKENS = "tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +26,12 @@ class DataRecord:
     input_shape: tuple[int, ...]
     num_classes: int
     preprocessing: str = PREPROCESSING
+    tokenizer: str | None = None  # text: the tokenizer folder
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "input_shape": list(self.input_shape),
-                "num_classes": self.num_classes, "preprocessing": self.preprocessing}
+        d = {"dataset": self.dataset, "input_shape": list(self.input_shape),
+             "num_classes": self.num_classes, "preprocessing": self.preprocessing}
+        return d if self.tokenizer is None else {**d, "tokenizer": self.tokenizer}
 
     @classmethod
     def from_dict(cls, d: Any) -> DataRecord:
@@ -42,10 +46,12 @@ class DataRecord:
             raise FormatError(f"the file's data record has a bad num_classes: {n!r}")
         if not (isinstance(name, str) and 0 < len(name) <= 4096):
             raise FormatError("the file's data record has no dataset name")
-        pre = d.get("preprocessing", PREPROCESSING)
-        if pre != PREPROCESSING:
-            raise FormatError(f"the file's data record names unknown preprocessing {pre!r}")
-        return cls(name, tuple(shape), n, pre)
+        pre, tok = d.get("preprocessing", PREPROCESSING), d.get("tokenizer")
+        if pre not in (PREPROCESSING, TOKENS):
+            raise FormatError(f"the file's data record names unknown preprocessing {pre!r:.60}")
+        if (pre == TOKENS) != (isinstance(tok, str) and 0 < len(tok) <= 4096):
+            raise FormatError("the file's data record must name a tokenizer folder exactly for text")
+        return cls(name, tuple(shape), n, pre, tok)
 
     def check(self, bundle: DataBundle, where: str = "the model") -> None:
         """A clear error when ``bundle`` is not what the model was trained on (input shape or
@@ -60,5 +66,7 @@ class DataRecord:
                             f"{self.num_classes} ({self.dataset})")
 
 
-def data_record(bundle: DataBundle) -> DataRecord:
-    return DataRecord(bundle.name, tuple(int(s) for s in bundle.input_shape), bundle.num_classes)
+def data_record(bundle: DataBundle, tokenizer: str | None = None) -> DataRecord:
+    """The record of ``bundle``; ``tokenizer`` (the folder) for text data."""
+    return DataRecord(bundle.name, tuple(int(s) for s in bundle.input_shape), bundle.num_classes,
+                      TOKENS if tokenizer else PREPROCESSING, tokenizer)

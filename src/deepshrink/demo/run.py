@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from deepshrink.checkpoint import save
-from deepshrink.data import load_digits
+from deepshrink.data import data_record, load_digits
 from deepshrink.demo import (
     channels,
     distill,
@@ -56,7 +56,7 @@ def train_baseline(out: Path, *, quick: bool, seed: int, progress: bool) -> Demo
     cfg = TrainConfig(epochs=15 if quick else 40, batch_size=64, lr=2e-3, seed=seed,
                       progress=progress, keep_best=True)
     train(model, data, cfg)
-    save(model, out / "baseline.safetensors")
+    save(model, out / "baseline.safetensors", extra={"data": data_record(data).to_dict()})
     table = ResultTable("deepshrink demo: lenet300 on digits (held-out test split)")
     ctx = DemoContext(data, model, ModelReport("", 0, 0, 0, 0, 0), out, table, quick)
     ctx.baseline_report = ctx.measure(model, "baseline", file=out / "baseline.safetensors")

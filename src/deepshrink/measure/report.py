@@ -66,7 +66,8 @@ class ModelReport:
         if self.top1 is not None:
             row["top1"] = self.top1
         for b, lat in sorted(self.latency.items()):
-            row[f"ms@b{b}"] = lat.median_ms
+            # with its spread: one median means little on a shared machine
+            row[f"ms@b{b} (p10-p90)"] = f"{lat.median_ms:.3f} [{lat.p10_ms:.3f}-{lat.p90_ms:.3f}]"
         return ResultTable(f"{self.name}: summary", [row])
 
 

@@ -20,6 +20,7 @@ from deepshrink.models.spec import (
     record_edit,
     register_edit,
     spec_of,
+    trusting,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "register_model",
     "set_spec",
     "spec_of",
+    "trusting",
 ]

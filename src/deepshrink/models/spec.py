@@ -40,10 +40,12 @@ The validation pass of :func:`build_checked`, before any real tensor is allocate
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -98,9 +100,25 @@ def edit_kinds() -> list[str]:
     return sorted(_EDITS)
 
 
+# Modules trusted by every rebuild in this context (see :func:`trusting`), on top of ``trust=``.
+_TRUSTED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("deepshrink_trusted", default=())
+
+
+@contextlib.contextmanager
+def trusting(modules: Iterable[str]) -> Iterator[None]:
+    """Within the block, every rebuild from a file (``deepshrink.load``, also inside pipelines
+    that reload the files they write) trusts ``modules`` as if passed ``trust=``. The command
+    line's ``--import`` uses it: naming your code is the opt-in."""
+    token = _TRUSTED.set((*_TRUSTED.get(), *modules))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
 def _trusted(name: str, trust: Iterable[str]) -> bool:
     module = name.partition(":")[0]
-    return any(module == t or module.startswith(t.rstrip(".") + ".") for t in trust)
+    return any(module == t or module.startswith(t.rstrip(".") + ".") for t in (*trust, *_TRUSTED.get()))
 
 
 def _kwargs_schema(name: str, trust: Iterable[str], where: str) -> Schema:
@@ -115,7 +133,8 @@ def _kwargs_schema(name: str, trust: Iterable[str], where: str) -> Schema:
     raise FormatError(
         f"{where}.name: {name!r} is not a registered model, and a file may not name code to run",
         hint="register it with deepshrink.models.register_model, or if you trust this file, pass "
-             f"trust=[{name.partition(':')[0]!r}] to deepshrink.load" if ":" in name else
+             f"trust=[{name.partition(':')[0]!r}] to deepshrink.load (on the command line: --import "
+             f"{name.partition(':')[0]})" if ":" in name else
         "see deepshrink.list_models()")
 
 

@@ -92,7 +92,10 @@ def _initializer_count(path: Path) -> int:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    # weights are initializers, or Constant nodes (deepshrink's quantized export writes those)
+    consts = [a.t for n in model.graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims)) for t in [*model.graph.initializer, *consts])
 
 
 def load_onnx(path: Path, model: nn.Module | None = None, *, trust: Any = ()) -> nn.Module:

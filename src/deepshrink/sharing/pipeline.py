@@ -124,20 +124,22 @@ def _stage(table: ResultTable, label: str, model: nn.Module, nbytes: int, fp32: 
               val_top1=acc["val_top1"], drop_pt=100 * (base_top1 - acc["top1"]), **extra)
 
 
-def _packed(model: nn.Module, path: Path, cfg: PackConfig) -> tuple[nn.Module, PackReport]:
-    rep = pack(model, path, cfg)
+def _packed(model: nn.Module, path: Path, cfg: PackConfig, extra: dict[str, Any] | None = None
+            ) -> tuple[nn.Module, PackReport]:
+    rep = pack(model, path, cfg, extra=extra)
     return load_dsz(path), rep
 
 
 def compress(model: nn.Module, data: DataBundle, config: CompressConfig | None = None,
              output: str | Path | None = None, *, stage_dir: str | Path | None = None,
-             reference: nn.Module | None = None) -> CompressResult:
+             reference: nn.Module | None = None, extra: dict[str, Any] | None = None) -> CompressResult:
     """Compress ``model`` (not modified) and write the final .dsz to ``output``.
 
     Stage files go to ``stage_dir`` (kept) or a temporary directory. Accuracy: test split
     (``top1``, reported) and validation split (``val_top1``, for choosing settings).
     ``reference`` is the model the baseline row and the drops refer to (default: ``model``), e.g.
     the dense original when ``model`` was pruned beforehand and ``config.prune`` is None.
+    ``extra`` is free metadata for the final file (e.g. its data record).
     """
     cfg = config or CompressConfig()
     t0 = time.perf_counter()
@@ -171,7 +173,7 @@ def compress(model: nn.Module, data: DataBundle, config: CompressConfig | None =
         if cfg.pack.codebook_dtype == "float16":
             round_codebooks(model, torch.float16)  # the model then equals what the file stores
         out = Path(output) if output and main else sdir / "4-huffman.dsz"
-        final, rep = _packed(model, out, cfg.pack)
+        final, rep = _packed(model, out, cfg.pack, extra)
         ent = rep.entropy_summary()
         _stage(table, f"+ {cfg.pack.entropy} coding (.dsz)", final, rep.bytes, fp32, base["top1"], data,
                coded_over_entropy=ent["payload_over_entropy"])
