@@ -86,6 +86,11 @@ def _share_guarded(model: Any, path: Path, bits: int | None, data: str | None,
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's command(s) to ``app``.
+
+    Long only because typer declares each CLI option as a parameter of the nested command
+    function (one per option); the work is done by this module's short helpers.
+    """
     @app.command("compress")
     @friendly_errors
     def compress_cmd(

@@ -45,6 +45,11 @@ DATA_DIR = typer.Option(None, "--data-dir", help="Directory of IDX files (overri
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's command(s) to ``app``.
+
+    Long only because typer declares each CLI option as a parameter of the nested command
+    function (one per option); the work is done by this module's short helpers.
+    """
     @app.command("train")
     @friendly_errors
     def train_cmd(

@@ -63,6 +63,11 @@ def _teacher_accuracy(paths: list[Path], teachers: list[Any], ens: Any, kd: Any,
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's command(s) to ``app``.
+
+    Long only because typer declares each CLI option as a parameter of the nested command
+    function (one per option); the work is done by this module's short helpers.
+    """
     @app.command("distill")
     @friendly_errors
     def distill_cmd(

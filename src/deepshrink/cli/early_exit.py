@@ -77,6 +77,11 @@ def _print_result(res: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's command(s) to ``app``.
+
+    Long only because typer declares each CLI option as a parameter of the nested command
+    function (one per option); the work is done by this module's short helpers.
+    """
     @app.command("early-exit")
     @friendly_errors
     def early_exit_cmd(
@@ -101,7 +106,11 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """Early exits (BranchyNet): heads at intermediate layers, calibrated on validation."""
+        """Early exits (BranchyNet): heads at intermediate layers, calibrated on validation.
+        \f
+        Long only because of its option list (one parameter per CLI option); the body is
+        short and the work is in this module's helpers.
+        """
         if output.exists() and path.exists() and output.resolve() == path.resolve():
             raise ConfigError(f"--output {output} is the input model file", hint="choose another output path")
         net = load_model(path)

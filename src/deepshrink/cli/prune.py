@@ -144,6 +144,11 @@ def _print(res: dict[str, Any], method: str, title: str, output: Path) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's command(s) to ``app``.
+
+    Long only because typer declares each CLI option as a parameter of the nested command
+    function (one per option); the work is done by this module's short helpers.
+    """
     @app.command("prune")
     @friendly_errors
     def prune_cmd(
@@ -181,7 +186,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Prune a saved model; never overwrites the input file. Fine-tunes data-parallel when
-        launched by torchrun. Refuses to write a result past --max-drop."""
+        launched by torchrun. Refuses to write a result past --max-drop.
+        \f
+        Long only because of its option list (one parameter per CLI option); the body is
+        short and the work is in this module's helpers.
+        """
         from deepshrink.pruning import ChannelConfig
         from deepshrink.train import TrainConfig, evaluate
 

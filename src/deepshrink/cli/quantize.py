@@ -82,6 +82,11 @@ def _print(res: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's command(s) to ``app``.
+
+    Long only because typer declares each CLI option as a parameter of the nested command
+    function (one per option); the work is done by this module's short helpers.
+    """
     @app.command("quantize")
     @friendly_errors
     def quantize_cmd(
@@ -115,7 +120,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Quantize a model (post-training, or QAT) and write it; reports bytes and accuracy and
-        refuses to write a result past --max-drop."""
+        refuses to write a result past --max-drop.
+        \f
+        Long only because of its option list (one parameter per CLI option); the body is
+        short and the work is in this module's helpers.
+        """
         from deepshrink.measure import file_bytes
         from deepshrink.quantization import quantize
         from deepshrink.train import evaluate

@@ -34,6 +34,11 @@ def _model(path: Path) -> torch.nn.Module:
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's command(s) to ``app``.
+
+    Long only because typer declares each CLI option as a parameter of the nested command
+    function (one per option); the work is done by this module's short helpers.
+    """
     @app.command("run")
     @friendly_errors
     def run_cmd(
