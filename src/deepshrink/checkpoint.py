@@ -246,7 +246,8 @@ def load_state_dict_file(path: Path, model: nn.Module | None = None, *, trust: I
     torch's restricted ``weights_only`` loader (tensors and plain containers, no code)."""
     if model is None:
         raise ModelError(f"{path} is a state_dict file: it holds weights, not an architecture",
-                         hint="pass model=... (on the command line: --model NAME or module:callable)")
+                         hint="pass model=... (on the command line: --arch NAME or module:callable, "
+                              "with --arch-arg NAME=VALUE for its arguments)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError / RuntimeError for refused or bad files

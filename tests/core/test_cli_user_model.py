@@ -103,11 +103,28 @@ def test_user_model_through_every_command(user: Path) -> None:
         run("info", f, *imp)
 
 
+def test_a_bare_state_dict_goes_into_the_arch_model(user: Path) -> None:
+    """A ``torch.save(model.state_dict())`` file: weights only, architecture named by --arch."""
+    model = deepshrink.load(user / "my.safetensors", trust=["usernet"])
+    torch.save(model.state_dict(), user / "sd.pt")
+    out = run("evaluate", "sd.pt", "-d", "digits", code=2)
+    assert "state_dict file" in out and "--arch" in out  # the hint names the option
+    arch = ("--arch", "usernet:build", "--arch-arg", "num_classes=10", "--arch-arg", "width=8")
+    res = json.loads(run("evaluate", "sd.pt", "-d", "digits", "--json", *arch, "--import", "usernet"))
+    ref = json.loads(run("evaluate", "my.safetensors", "--json", "--import", "usernet"))
+    assert res["top1"] == pytest.approx(ref["top1"])  # the same weights, the same accuracy
+    run("quantize", "sd.pt", "-d", "digits", "-o", "sdq.onnx", *arch, "--import", "usernet")
+    assert json.loads(run("evaluate", "sdq.onnx", "--json"))["top1"] > 0.3
+    out = run("evaluate", "sd.pt", "-d", "digits", "--arch", "usernet:build", "--arch-arg", "num_classes=10",
+              "--arch-arg", "width=4", "--import", "usernet", code=2)
+    assert "weights do not match the model" in out  # a wrong architecture is one line, not a traceback
+
+
 def test_every_command_takes_import_threads_and_compressing_ones_max_drop() -> None:
     compressing = {"prune", "quantize", "compress", "pack", "factorize", "separable"}
     for cmd in app.registered_commands:
         text = runner.invoke(app, [cmd.name, "--help"], terminal_width=200).output
-        assert "--import" in text and "--threads" in text, cmd.name
+        assert "--import" in text and "--threads" in text and "--arch" in text, cmd.name
         if cmd.name in compressing:
             assert "--max-drop" in text and "--force" in text, cmd.name
 

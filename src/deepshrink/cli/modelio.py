@@ -35,9 +35,13 @@ _TOKENIZERS: dict[int, str] = {}  # id(bundle) -> its tokenizer folder (text dat
 
 
 def load_model(path: Path, model: nn.Module | None = None) -> nn.Module:
-    """:func:`deepshrink.load` trusting the modules named by ``--import``."""
+    """:func:`deepshrink.load` trusting the modules named by ``--import``; a bare state_dict file's
+    weights go into the ``--arch`` model (built with its ``--arch-arg``s)."""
     from deepshrink.checkpoint import load
+    from deepshrink.models import create_model
 
+    if model is None and SESSION.arch is not None:
+        model = create_model(SESSION.arch, **parse_model_args(list(SESSION.arch_args)))
     return load(path, model=model, trust=SESSION.trust)
 
 

@@ -39,6 +39,8 @@ class Session:
     trust: tuple[str, ...] = ()
     threads: int = 1
     tokenizer: str | None = None
+    arch: str | None = None  # --arch: the architecture a bare state_dict file's weights go into
+    arch_args: tuple[str, ...] = ()  # --arch-arg NAME=VALUE
 
 
 SESSION = Session()
@@ -104,8 +106,10 @@ def import_user_code(spec: str) -> str:
     return spec
 
 
-def apply(imports: list[str], threads: int | None, tokenizer: Path | None = None) -> None:
-    """Import the user's code (and trust it for loading), set the thread count and tokenizer."""
+def apply(imports: list[str], threads: int | None, tokenizer: Path | None = None,
+          arch: str | None = None, arch_args: list[str] | None = None) -> None:
+    """Import the user's code (and trust it for loading), set the thread count, the tokenizer and
+    the architecture for state_dict files."""
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise ConfigError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     _cwd_importable()
@@ -113,6 +117,7 @@ def apply(imports: list[str], threads: int | None, tokenizer: Path | None = None
     SESSION.threads = threads or int(os.environ.get(THREADS_ENV) or 0) or physical_cores()
     torch.set_num_threads(SESSION.threads)
     SESSION.tokenizer = str(tokenizer.resolve()) if tokenizer is not None else None
+    SESSION.arch, SESSION.arch_args = arch, tuple(arch_args or ())
 
 
 _EXTRA = [
@@ -127,6 +132,12 @@ _EXTRA = [
                       default=typer.Option(None, "--tokenizer", help="Tokenizer folder for text data "
                                            "(default: the one the model file records, or the model "
                                            "folder's own).")),
+    inspect.Parameter("arch_", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+                      default=typer.Option(None, "--arch", help="For a torch.save state_dict file: the "
+                                           "registry name or module:callable whose weights it holds.")),
+    inspect.Parameter("arch_arg_", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
+                      default=typer.Option([], "--arch-arg", help="NAME=VALUE passed to the --arch "
+                                           "factory (repeat), e.g. in_size=28.")),
 ]
 
 
@@ -139,10 +150,10 @@ def with_common_options(fn: Callable[..., Any], on_error: Callable[[Callable[...
 
     @functools.wraps(fn)
     def wrapper(*args: Any, import_: list[str], threads_: int | None, tokenizer_: Path | None,
-                **kwargs: Any) -> Any:
+                arch_: str | None, arch_arg_: list[str], **kwargs: Any) -> Any:
         from deepshrink.models import trusting
 
-        handle(import_, threads_, tokenizer_)
+        handle(import_, threads_, tokenizer_, arch_, arch_arg_)
         with trusting(SESSION.trust):  # also the files pipelines write and read back
             return fn(*args, **kwargs)
 
