@@ -82,7 +82,9 @@ def register(app: typer.Typer) -> None:
     Long only because typer declares each CLI option as a parameter of the nested command
     function (one per option); the work is done by this module's short helpers.
     """
-    @app.command("early-exit")
+    @app.command("early-exit",
+                 help=("Early exits (BranchyNet): heads at intermediate layers, calibrated on "
+                 "validation."))
     @friendly_errors
     def early_exit_cmd(
         path: Path = typer.Argument(..., help="A model file (or a multi-exit file to recalibrate)."),
@@ -107,7 +109,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Early exits (BranchyNet): heads at intermediate layers, calibrated on validation.
-        \f
+
         Long only because of its option list (one parameter per CLI option); the body is
         short and the work is in this module's helpers.
         """

@@ -149,7 +149,9 @@ def register(app: typer.Typer) -> None:
     Long only because typer declares each CLI option as a parameter of the nested command
     function (one per option); the work is done by this module's short helpers.
     """
-    @app.command("prune")
+    @app.command("prune",
+                 help=("Prune a saved model; never overwrites the input file. Fine-tunes data-parallel "
+                 "when launched by torchrun. Refuses to write a result past --max-drop."))
     @friendly_errors
     def prune_cmd(
         input: Path = typer.Argument(..., help="A model file (see `deepshrink info`)."),
@@ -187,7 +189,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Prune a saved model; never overwrites the input file. Fine-tunes data-parallel when
         launched by torchrun. Refuses to write a result past --max-drop.
-        \f
+
         Long only because of its option list (one parameter per CLI option); the body is
         short and the work is in this module's helpers.
         """

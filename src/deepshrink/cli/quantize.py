@@ -87,7 +87,9 @@ def register(app: typer.Typer) -> None:
     Long only because typer declares each CLI option as a parameter of the nested command
     function (one per option); the work is done by this module's short helpers.
     """
-    @app.command("quantize")
+    @app.command("quantize",
+                 help=("Quantize a model (post-training, or QAT) and write it; reports bytes and "
+                 "accuracy and refuses to write a result past --max-drop."))
     @friendly_errors
     def quantize_cmd(
         path: Path = typer.Argument(..., help="A model file (see `deepshrink info`)."),
@@ -121,7 +123,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Quantize a model (post-training, or QAT) and write it; reports bytes and accuracy and
         refuses to write a result past --max-drop.
-        \f
+
         Long only because of its option list (one parameter per CLI option); the body is
         short and the work is in this module's helpers.
         """
