@@ -96,8 +96,11 @@ def test_user_model_through_every_command(user: Path) -> None:
     run("early-exit", "my.safetensors", "-o", "ee.safetensors", "--epochs", "1", *imp)
     run("run", "int8-ort", "--model", "my.safetensors", "--out", "rec", *imp)
     run("report", "rec/results.json", *imp)
+    run("export", "my.safetensors", "-o", "e.onnx", *imp)
+    assert "no save_pretrained form" in run("export", "my.safetensors", "-o", "hf-folder", *imp, code=2)
     for f in ("p.safetensors", "pc.safetensors", "q.onnx", "q4.safetensors", "c.dsz", "k.dsz",
-              "u.safetensors", "s.safetensors", "f.safetensors", "sep.safetensors", "ee.safetensors"):
+              "u.safetensors", "e.onnx", "s.safetensors", "f.safetensors", "sep.safetensors",
+              "ee.safetensors"):
         res = json.loads(run("evaluate", f, "--json", *imp))  # every output, no -d
         assert res["top1"] > 0.3, (f, res)
         run("info", f, *imp)
@@ -262,6 +265,23 @@ def test_transformers_model_through_every_command(bert: Path, monkeypatch: pytes
         assert json.loads(run("evaluate", f, "--json"))["n"] == 40, f  # the recorded text, no -d
     info = json.loads(run("info", "q.onnx", "--json"))
     assert info["params"] > 10_000
+    # out again: a pruned model as a save_pretrained folder that transformers itself reads
+    run("export", "p.safetensors", "-o", "p-hf")
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(bert / "p-hf")
+    ours = deepshrink.load(bert / "p.safetensors")
+    ids = torch.randint(5, len(WORDS) + 5, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(hf.eval()(input_ids=ids).logits, ours.eval()(input_ids=ids).logits, atol=1e-5)
+    out = run("evaluate", "p-hf", "-d", "reviews.tsv", "--tokenizer", "tiny-bert", "--json")
+    top1 = json.loads(out[out.index("{"):])["top1"]  # after transformers' own loading bar
+    assert top1 == pytest.approx(json.loads(run("evaluate", "p.safetensors", "--json"))["top1"])
+    # channel pruning narrowed the pooler below the hidden size: no config states that, so refuse
+    out = run("export", "pc.safetensors", "-o", "pc-hf", code=2)
+    assert "config cannot express" in out and not (bert / "pc-hf").exists()
+    res = json.loads(run("export", "b.safetensors", "-o", "b.onnx", "--json"))  # fp32 ONNX
+    assert res["onnx_max_abs_diff"] < 1e-4
 
 
 def test_text_data_errors_are_one_line(bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ import signal
 
 import typer
 
-from deepshrink.cli import compress, core, distill, early_exit, prune, quantize, redesign, run
+from deepshrink.cli import compress, core, distill, early_exit, export, prune, quantize, redesign, run
 from deepshrink.cli.common import friendly_errors, quiet_unless_main
 from deepshrink.cli.options import with_common_options
 
@@ -14,7 +14,7 @@ app = typer.Typer(help="deepshrink: make trained PyTorch models small and fast."
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 # One line per family: module with a `register(app)` function.
-for _module in (core, prune, compress, distill, quantize, redesign, early_exit, run):
+for _module in (core, prune, compress, distill, quantize, redesign, early_exit, export, run):
     _module.register(app)
 for _command in app.registered_commands:  # --import and --threads on every command
     _command.callback = with_common_options(_command.callback, friendly_errors)

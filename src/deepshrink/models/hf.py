@@ -158,5 +158,21 @@ def save_pretrained_dir(model: nn.Module, path: Path) -> Path:
     if hf_spec(model) is None:
         raise ModelError(f"{type(model).__name__} is not a transformers model: it has no "
                          "save_pretrained form", hint="save it as .safetensors, .onnx or .dsz")
+    _check_config_expresses(model)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def _check_config_expresses(model: nn.Module) -> None:
+    """ModelError unless ``type(model)(model.config)`` has every tensor shape ``model`` has: a
+    structurally pruned model may have sizes its config cannot state (e.g. a pooler narrower than
+    the hidden size), and transformers would then silently re-initialise those weights on load."""
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    odd = [f"{k} {tuple(v.shape)} (config gives {want.get(k)})" for k, v in model.state_dict().items()
+           if want.get(k) != tuple(v.shape)]
+    if odd:
+        raise ModelError(f"{type(model).__name__}'s config cannot express {len(odd)} of its tensor "
+                         f"shapes, so a save_pretrained folder would not reload it: {odd[:3]}",
+                         hint="keep it as .safetensors (deepshrink.load rebuilds it), .onnx or .dsz")
