@@ -96,6 +96,10 @@ def test_user_model_through_every_command(user: Path) -> None:
     run("early-exit", "my.safetensors", "-o", "ee.safetensors", "--epochs", "1", *imp)
     run("run", "int8-ort", "--model", "my.safetensors", "--out", "rec", *imp)
     run("report", "rec/results.json", *imp)
+    out = run("shrink", "my.safetensors", "-o", "srch", "--max-drop", "50", "--candidates", "2",
+              "--rungs", "1", "--epochs-scale", "0.2", "--json", *imp)
+    res = json.loads(out[out.index("{\n"):])  # after the trials' progress lines (stderr)
+    assert res["selected"] and (user / "srch" / "report.html").exists()
     run("export", "my.safetensors", "-o", "e.onnx", *imp)
     assert "no save_pretrained form" in run("export", "my.safetensors", "-o", "hf-folder", *imp, code=2)
     for f in ("p.safetensors", "pc.safetensors", "q.onnx", "q4.safetensors", "c.dsz", "k.dsz",
