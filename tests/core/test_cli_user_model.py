@@ -194,6 +194,17 @@ def test_warnings_for_wider_storage_and_patterns_matching_no_layer(user: Path) -
     assert "--override pattern 'nosuch' matches no layer" in out
 
 
+def test_quantize_times_the_result_and_warns_when_it_is_not_faster(user: Path) -> None:
+    out = run("quantize", "my.safetensors", "-o", "qs.safetensors", "--mode", "dynamic", "--json",
+              "--import", "usernet")
+    res = json.loads(out[out.index("{\n"):])
+    sp = res["speedup"]
+    assert sp["batch"] == 1 and sp["low"] <= sp["ratio"] <= sp["high"]
+    slower = any("slower than the input" in w for w in res["warnings"])
+    unclear = any("no measurable speedup" in w for w in res["warnings"])
+    assert slower == (sp["high"] < 1.0) and unclear == (sp["low"] <= 1.0 <= sp["high"])
+
+
 def test_a_ratio_below_one_is_not_printed_as_smaller() -> None:
     assert ratio_text(100, 380) == "3.80x larger" and ratio_text(380, 100) == "3.80x smaller"
 

@@ -15,6 +15,7 @@ from deepshrink.cli.guards import (
     Warnings,
     check_drop,
     check_size,
+    check_speed,
     commit,
     ratio_text,
     staged,
@@ -79,6 +80,10 @@ def _print(res: dict[str, Any]) -> None:
            if res.get("output_top1") is not None else "")
     out.print(f"{res['input']} ({res['input_bytes']:,} B) -> {res['output']} ({res['output_bytes']:,} B, "
               f"{ratio_text(res['input_bytes'], res['output_bytes'])}){acc}", highlight=False)
+    sp = res["speedup"]
+    flag = "  (spread includes 1.0: no measurable change)" if sp["low"] <= 1.0 <= sp["high"] else ""
+    out.print(f"speed vs input at batch {sp['batch']}: {sp['ratio']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]"
+              f"{flag}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -156,6 +161,8 @@ def register(app: typer.Typer) -> None:
                     res["output_top1"] = evaluate(runner, test)["top1"]
             res["drop_pt"] = check_drop(res["input_top1"], res["output_top1"], max_drop, force, output, warns)
             commit(tmp, output)
+        with step("timing the input and the result (batch 1)", enabled=not as_json):
+            res["speedup"] = check_speed(load_model(path), runner, bundle.test.tensors[0][:1], warns)
         res["output_bytes"] = file_bytes(output)
         res["size_ratio"] = res["input_bytes"] / res["output_bytes"]
         check_size(res["input_bytes"], res["output_bytes"], warns)
