@@ -275,8 +275,14 @@ def test_transformers_model_through_every_command(bert: Path, monkeypatch: pytes
     run("distill", "-t", "b.safetensors", "-s", "p.safetensors", "-o", "s.safetensors", "--epochs", "1")
     run("separable", "b.safetensors", "-o", "sep.safetensors", "--force")
     run("early-exit", "b.safetensors", "-o", "ee.safetensors", "--epochs", "1")
+    run("factorize", "b.safetensors", "-o", "f.safetensors", "--rank", "4", "--force")
+    run("run", "int8-ort", "--model", "b.safetensors", "--out", "rec")
+    run("report", "rec/results.json")
+    out = run("shrink", "b.safetensors", "-o", "srch", "--max-drop", "50", "--candidates", "2",
+              "--rungs", "1", "--epochs-scale", "0.2", "--json")
+    assert json.loads(out[out.index("{\n"):])["selected"]
     for f in ("p.safetensors", "pc.safetensors", "q.onnx", "q.safetensors", "c.dsz", "k.dsz",
-              "u.safetensors", "s.safetensors", "sep.safetensors", "ee.safetensors"):
+              "u.safetensors", "s.safetensors", "sep.safetensors", "ee.safetensors", "f.safetensors"):
         assert json.loads(run("evaluate", f, "--json"))["n"] == 40, f  # the recorded text, no -d
     info = json.loads(run("info", "q.onnx", "--json"))
     assert info["params"] > 10_000
