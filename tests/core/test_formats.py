@@ -61,7 +61,7 @@ def test_pickled_bin_weights_are_not_read(tmp_path: Path) -> None:
 def test_state_dict_file_needs_a_model_and_loads_into_it(tmp_path: Path) -> None:
     src = deepshrink.create_model("lenet300", in_size=8)
     torch.save(src.state_dict(), tmp_path / "w.pt")
-    with pytest.raises(ModelError, match="state_dict file.*--model"):
+    with pytest.raises(ModelError, match="state_dict file.*--arch"):
         deepshrink.load(tmp_path / "w.pt")
     dst = deepshrink.load(tmp_path / "w.pt", model=deepshrink.create_model("lenet300", in_size=8))
     x = torch.rand(3, 1, 8, 8)
