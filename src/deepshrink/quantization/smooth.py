@@ -142,21 +142,25 @@ def try_fold(model: nn.Module, norm: nn.Module, consumers: list[nn.Module], s: t
     if not isinstance(w, torch.Tensor) or w.shape != s.shape:
         return False
     b = getattr(norm, "bias", None)
-    saved = [w.data.clone(), None if b is None else b.data.clone()]
-    saved_w = [c.weight.data.clone() for c in consumers]
-    w.data.div_(s.to(w.dtype))
-    if b is not None:
-        b.data.div_(s.to(b.dtype))
+    return _rescale_or_undo([(w, s)] + ([] if b is None else [(b, s)]), consumers, s, check)
+
+
+@torch.no_grad()
+def _rescale_or_undo(divide: list[tuple[torch.Tensor, torch.Tensor]], consumers: list[nn.Module],
+                     s: torch.Tensor, check: Callable[[], bool]) -> bool:
+    """Divide each ``(parameter, scale)`` of the producer, multiply each consumer's weight columns
+    by ``s``; keep the change only if ``check()`` holds, else restore every tensor."""
+    params = [p for p, _ in divide] + [c.weight for c in consumers]
+    saved = [p.data.clone() for p in params]
+    for p, scale in divide:
+        p.data.div_(scale.to(p.dtype))
     for c in consumers:
         scale = s[:, None] if is_hf_conv1d(c) else s[None, :]  # Conv1D stores (in, out)
         c.weight.data.mul_(scale.to(c.weight.dtype))
     if check():
         return True
-    w.data.copy_(saved[0])
-    if b is not None:
-        b.data.copy_(saved[1])
-    for c, sw in zip(consumers, saved_w, strict=True):
-        c.weight.data.copy_(sw)
+    for p, v in zip(params, saved, strict=True):
+        p.data.copy_(v)
     return False
 
 
@@ -261,21 +265,7 @@ def try_fold_linear(producer: nn.Module, consumers: list[nn.Module], s: torch.Te
     consumer's weight columns by ``s``; keep the change only if ``check()`` holds."""
     w, b = producer.weight, getattr(producer, "bias", None)
     rows = s[None, :] if is_hf_conv1d(producer) else s[:, None]  # Conv1D stores (in, out)
-    saved = [w.data.clone(), None if b is None else b.data.clone()]
-    saved_c = [c.weight.data.clone() for c in consumers]
-    w.data.div_(rows.to(w.dtype))
-    if b is not None:
-        b.data.div_(s.to(b.dtype))
-    for c in consumers:
-        c.weight.data.mul_((s[:, None] if is_hf_conv1d(c) else s[None, :]).to(c.weight.dtype))
-    if check():
-        return True
-    w.data.copy_(saved[0])
-    if b is not None:
-        b.data.copy_(saved[1])
-    for c, sc in zip(consumers, saved_c, strict=True):
-        c.weight.data.copy_(sc)
-    return False
+    return _rescale_or_undo([(w, rows)] + ([] if b is None else [(b, s)]), consumers, s, check)
 
 
 def _group_amax(stats: dict[str, InputStats], names: list[str]) -> torch.Tensor:
