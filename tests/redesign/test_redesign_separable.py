@@ -77,7 +77,7 @@ def test_layers_list_budget_and_ignore():
     x = torch.rand(8, 1, 16, 16)
     model = create_model("vgg_small", in_size=16, width=8, hidden=16)
     rep = separate_with_report(model, SeparableConfig(layers=("4", "8"), ignore=("8",), check_speed=False),
-                          example_inputs=x)
+                               example_inputs=x)
     assert [r.name for r in rep.rewritten] == ["4"]
     assert {r.name: r.reason for r in rep.skipped}["8"] == "ignored by the config"
     model = create_model("vgg_small", in_size=16, width=8, hidden=16)

@@ -83,8 +83,7 @@ def register(app: typer.Typer) -> None:
             res = {"input": str(path), "output": str(output), "format": kind,
                    **write(model, path, tmp, kind, bundle)}
             commit(tmp, output)
-        res["bytes"] = (sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
-                        if output.is_dir() else file_bytes(output))
+        res["bytes"] = file_bytes(output)
         if as_json:
             emit_json(res)
             return

@@ -19,6 +19,7 @@ import typer
 from deepshrink.cli.common import err
 from deepshrink.errors import ConfigError, DeepShrinkError
 from deepshrink.fileio import refuse_overwrite
+from deepshrink.measure import Speedup
 
 DEFAULT_MAX_DROP = 1.0
 MAX_DROP = typer.Option(None, "--max-drop", help="Refuse to write a result whose test top-1 drops "
@@ -92,20 +93,19 @@ def check_size(in_bytes: int, out_bytes: int, warnings: Warnings) -> None:
         warnings.add(f"the result is not smaller: {out_bytes:,} B vs {in_bytes:,} B for the input")
 
 
-def check_speed(baseline: Any, candidate: Any, example: Any, warnings: Warnings) -> dict[str, float]:
+def check_speed(baseline: Any, candidate: Any, example: Any, warnings: Warnings) -> tuple[Speedup, int]:
     """Time both in one interleaved run; warn when the result is slower or the spread of the
-    ratio includes 1.0 (no speedup this machine can measure). Returns the ratio and its spread."""
+    ratio includes 1.0 (no speedup this machine can measure). Returns the ratio and the batch."""
     from deepshrink.measure import compare_latency, speedup
 
     lat = compare_latency({"input": baseline, "output": candidate}, example, rounds=3, repeats=10,
                           min_time_s=0.1)
-    s = speedup(lat["input"], lat["output"])
-    text = f"{s.ratio:.2f}x [{s.low:.2f}-{s.high:.2f}] at batch {lat['input'].batch}"
+    s, batch = speedup(lat["input"], lat["output"]), lat["input"].batch
     if s.high < 1.0:
-        warnings.add(f"the result is slower than the input: {text}")
+        warnings.add(f"the result is slower than the input: {s} at batch {batch}")
     elif s.overlaps_one:
-        warnings.add(f"no measurable speedup: {text} (the spread includes 1.0)")
-    return {"ratio": s.ratio, "low": s.low, "high": s.high, "batch": lat["input"].batch}
+        warnings.add(f"no measurable speedup at batch {batch}: {s}")
+    return s, batch
 
 
 def check_patterns(names: Iterable[str], patterns: Iterable[str], option: str,

@@ -23,6 +23,7 @@ from deepshrink.cli.guards import (
 from deepshrink.cli.modelio import data_extra, load_model, model_data, onnx_with_record
 from deepshrink.cli.options import SESSION
 from deepshrink.errors import ConfigError
+from deepshrink.measure import Speedup
 from deepshrink.progress import step
 
 
@@ -81,9 +82,8 @@ def _print(res: dict[str, Any]) -> None:
     out.print(f"{res['input']} ({res['input_bytes']:,} B) -> {res['output']} ({res['output_bytes']:,} B, "
               f"{ratio_text(res['input_bytes'], res['output_bytes'])}){acc}", highlight=False)
     sp = res["speedup"]
-    flag = "  (spread includes 1.0: no measurable change)" if sp["low"] <= 1.0 <= sp["high"] else ""
-    out.print(f"speed vs input at batch {sp['batch']}: {sp['ratio']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]"
-              f"{flag}", highlight=False)
+    out.print(f"speed vs input at batch {sp['batch']}: {Speedup(sp['ratio'], sp['low'], sp['high'])}",
+              highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -162,7 +162,8 @@ def register(app: typer.Typer) -> None:
             res["drop_pt"] = check_drop(res["input_top1"], res["output_top1"], max_drop, force, output, warns)
             commit(tmp, output)
         with step("timing the input and the result (batch 1)", enabled=not as_json):
-            res["speedup"] = check_speed(load_model(path), runner, bundle.test.tensors[0][:1], warns)
+            sp, batch = check_speed(load_model(path), runner, bundle.test.tensors[0][:1], warns)
+            res["speedup"] = {**sp.to_dict(), "batch": batch}
         res["output_bytes"] = file_bytes(output)
         res["size_ratio"] = res["input_bytes"] / res["output_bytes"]
         check_size(res["input_bytes"], res["output_bytes"], warns)

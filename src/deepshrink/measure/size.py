@@ -13,7 +13,10 @@ from deepshrink.fileio import scratch_dir
 
 
 def file_bytes(path: str | Path) -> int:
-    """Size of a file on disk, in bytes."""
+    """Size of a file on disk, in bytes; of a folder (a ``save_pretrained`` model), every file in it."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
     return os.path.getsize(path)
 
 

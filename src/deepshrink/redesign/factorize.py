@@ -214,7 +214,7 @@ def _speed_input(layer: nn.Module, rec: common.LayerInputs | None, batch: int) -
 
 
 def factorize_with_report(model: nn.Module, config: LowRankConfig | None = None, *,
-                     example_inputs: Any = None, calibration: Any = None) -> RedesignReport:
+                          example_inputs: Any = None, calibration: Any = None) -> RedesignReport:
     """:func:`factorize`, returning the per-layer report (with the edited model as ``.model``)."""
     config = config or LowRankConfig()
     if not isinstance(config, LowRankConfig):

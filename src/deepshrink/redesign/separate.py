@@ -172,7 +172,7 @@ def _pays(p: _Plan, rec: common.LayerInputs, config: SeparableConfig) -> str:
 
 
 def separate_with_report(model: nn.Module, config: SeparableConfig | None = None, *,
-                    example_inputs: Any = None, calibration: Any = None) -> RedesignReport:
+                         example_inputs: Any = None, calibration: Any = None) -> RedesignReport:
     """:func:`separate`, returning the per-layer report (with the edited model as ``.model``)."""
     config = config or SeparableConfig()
     if not isinstance(config, SeparableConfig):

@@ -282,7 +282,7 @@ def _redesigned(ctx: StageContext, spec: StageSpec, report: Any) -> StageOutput:
 def factorize_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     assert isinstance(spec.config, LowRankConfig)
     rep = factorize_with_report(ctx.model, spec.config, example_inputs=ctx.example(),
-                           calibration=ctx.calibration())
+                                calibration=ctx.calibration())
     return _redesigned(ctx, spec, rep)
 
 
@@ -290,7 +290,7 @@ def factorize_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
 def separable_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     assert isinstance(spec.config, SeparableConfig)
     rep = separate_with_report(ctx.model, spec.config, example_inputs=ctx.example(),
-                          calibration=ctx.calibration())
+                               calibration=ctx.calibration())
     return _redesigned(ctx, spec, rep)
 
 
