@@ -137,6 +137,7 @@ def register(app: typer.Typer) -> None:
                                 latency_batches=(1, 256) if latency else ())
         if getattr(net, "onnx_params", None):  # an ONNX graph: weights live in the graph, not torch
             rep.params = rep.nonzero = net.onnx_params
+            rep.macs = None  # torch sees no layers in it: 0 MACs would be a wrong figure
         from deepshrink.cli.early_exit import exit_summary, print_exit_summary
         from deepshrink.dsz import dsz_info, is_dsz  # .dsz files also show their sections
         from deepshrink.models import get_spec

@@ -29,7 +29,7 @@ class ModelReport:
     name: str
     params: int
     nonzero: int
-    macs: int
+    macs: int | None  # None: not countable here (an ONNX graph has no torch layers to count)
     bytes: int
     fp32_bytes: int
     top1: float | None = None
@@ -62,7 +62,8 @@ class ModelReport:
 
     def summary_table(self) -> ResultTable:
         row: dict[str, Any] = {"model": self.name, "params": self.params, "nonzero": self.nonzero,
-                               "sparsity": self.sparsity, "MACs": self.macs, "bytes": self.bytes}
+                               "sparsity": self.sparsity, "MACs": "n/a" if self.macs is None else self.macs,
+                               "bytes": self.bytes}
         if self.top1 is not None:
             row["top1"] = self.top1
         for b, lat in sorted(self.latency.items()):
