@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -149,9 +150,11 @@ def finish(
     links: dict[str, str],
     *,
     absorb: bool = True,
+    adaround: Callable[[], Any] | None = None,
 ) -> dict[str, str]:
-    """After the layers are quantized: share linked activation parameters, correct biases,
-    absorb activations. Returns the links actually applied."""
+    """After the layers are quantized: share linked activation parameters, absorb activations,
+    learn the rounding (``adaround``, on the finished graph), correct biases (for the final
+    codes). Returns the links actually applied."""
     modules = dict(model.named_modules())
     applied = {}
     for consumer, producer in links.items():
@@ -163,9 +166,11 @@ def finish(
         ):
             c.in_scale, c.in_zero = p.out_scale.clone(), p.out_zero.clone()
             applied[consumer] = producer
-    if prep.means:
-        correct_biases(model, prep.means, float_weights)
     quantized = {n: a for n, a in prep.activations.items() if hasattr(modules.get(n), "dense_weight")}
     if absorb:  # (not when layers may go back to float later: the activation must then stay)
         absorb_activations(model, quantized)
+    if adaround is not None:
+        adaround()
+    if prep.means:
+        correct_biases(model, prep.means, float_weights)
     return applied

@@ -16,6 +16,7 @@ writes a rebuildable file and ``deepshrink.load`` reads it back.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
@@ -248,22 +249,26 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     float_weights = {n: m.weight.detach().clone() for n, m in layers} if prep else {}
     floats = dict(layers)
     granularity = _act_granularity(layers, stats, smooth, cfg)
-    ada_inputs = _adaround_inputs(model, floats, batches, cfg)
+    float_model = copy.deepcopy(model) if cfg.adaround and batches and cfg.granularity != "group" else None
     for name, layer in layers:
         spec = cfg.spec_for(name, override_for(name, layer_bits, cfg.bits))
         a_in, a_out = acts.get(name, (None, None))
         q = QuantizedLayer.from_float(layer, spec, cfg.mode, method=cfg.weight_range, act=a_in, out=a_out,
                                       act_granularity=granularity.get(name, "tensor"),
                                       smooth=smooth.get(name), activation=clamps.get(name))
-        if name in ada_inputs:
-            _adaround(q, layer, ada_inputs.pop(name), smooth.get(name), cfg)
         if cfg.bias_correction and prep is None and name in stats and q.bias is not None:
             s = smooth.get(name, torch.ones(1))
             q.bias.data.copy_(bias_correction(layer, q.dense_weight(), stats[name].mean / s, s))
             q.reset_cache()
         set_submodule(model, name, q)
-    if prep:  # shared chain parameters, bias correction (CNN path), absorbed activations
-        cnn.finish(model, prep, float_weights, links, absorb=cfg.target_cosine is None)
+    ada = None
+    if float_model is not None:
+        assert batches is not None
+        ada = lambda: _adaround(model, float_model, [n for n, _ in layers], batches, cfg)  # noqa: E731
+    if prep:  # shared chain parameters, AdaRound, bias correction (CNN path), absorbed activations
+        cnn.finish(model, prep, float_weights, links, absorb=cfg.target_cosine is None, adaround=ada)
+    elif ada is not None:
+        ada()
     embeddings = _quantize_embeddings(model, cfg)
     res = PTQResult(model, [n for n, _ in layers], [], where, embeddings,
                     per_token=[n for n, g in granularity.items() if g == "token"])
@@ -282,25 +287,14 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     return res
 
 
-def _adaround_inputs(model: nn.Module, floats: dict[str, nn.Module], batches: list[Inputs] | None,
-                     cfg: PTQConfig) -> dict[str, torch.Tensor]:
-    """Float inputs of every layer AdaRound will treat (first calibration batch)."""
-    if not cfg.adaround or cfg.mode == "weight-only" or cfg.granularity == "group" or not batches:
-        return {}
-    from deepshrink.quantization.adaround import layer_inputs
-
-    return layer_inputs(model, floats, batches[:1])
-
-
-def _adaround(q: QuantizedLayer, layer: nn.Module, x: torch.Tensor, s: torch.Tensor | None,
+def _adaround(model: nn.Module, float_model: nn.Module, names: list[str], batches: list[Inputs],
               cfg: PTQConfig) -> None:
-    from deepshrink.quantization.adaround import adaround_layer
+    """Sequential AdaRound (quantization/adaround.py) over the quantized layers, in the order
+    the model runs them."""
+    from deepshrink.quantization.adaround import adaround_sequential, run_order
 
-    w = float_weight(layer)
-    if s is not None:  # smoothed space: the layer sees x / s and holds W * s
-        w, x = w * s[None, :], x / s
-    with torch.enable_grad():
-        adaround_layer(q, w, x.float(), steps=cfg.adaround_steps)
+    adaround_sequential(model, float_model, run_order(float_model, names, batches[0]), batches,
+                        steps=cfg.adaround_steps)
 
 
 def _batches(cfg: PTQConfig, calibration: Any) -> list[Inputs] | None:
