@@ -214,7 +214,12 @@ def test_no_float_conv_in_ort_optimized_graph(name):
     data = export_onnx(q, None, x[:1])
     graph = optimized_graph(data)
     assert float_convs(graph) == []
-    assert op_counts(graph)["QLinearConv"] == n_convs
+    ops = op_counts(graph)
+    assert ops["QLinearConv"] == n_convs
+    # every residual add runs as QLinearAdd (MobileNetV2: 10 blocks with x + f(x); resnet_small:
+    # relu(out + shortcut) in 3 blocks); none is left as a float Add
+    assert ops["QLinearAdd"] == {"mobilenet_v2": 10, "resnet_small": 3}[name]
+    assert ops["Add"] == 0
     with torch.no_grad():
         sim = q(x)
     ort = OrtModel(data)(x)
@@ -231,6 +236,39 @@ def test_float_export_of_an_unfused_graph_is_detected():
     assert len(float_convs(optimized_graph(export_onnx(model, None, torch.rand(1, 1, 28, 28))))) > 0
 
 
+class InPlaceResidual(nn.Module):
+    """A user's block: ``out += shortcut`` in place, then a functional-free ReLU module; and a
+    second block returning the sum itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.act = nn.ReLU()
+        self.tail = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        out = self.body(x)
+        out += x  # in place: `body` returned `out` *before* the add
+        y = self.act(out)
+        return self.head(y + self.tail(y))
+
+
+def test_residual_adds_are_found_through_the_graph():
+    from deepshrink.quantization.residual import find_residual_outputs
+
+    model = _random_bn(InPlaceResidual())
+    # the in-place add belongs to `act` (the ReLU of the sum), not to `body`; the second sum is
+    # returned by no module (it goes straight into `head`), so it is not quantized
+    assert find_residual_outputs(model, torch.rand(2, 3, 8, 8)) == ["act"]
+    mn = create_model("mobilenet_v2", num_classes=5, width_mult=0.35).eval()
+    found = find_residual_outputs(mn, torch.rand(2, 3, 32, 32))
+    assert found == [f"features.{i}" for i, b in enumerate(mn.features)
+                     if getattr(b, "use_res_connect", False)]
+
+
 def test_quantized_cnn_saves_and_reloads(tmp_path):
     model = _random_bn(create_model("resnet_small"))
     x = torch.rand(8, 1, 28, 28)
@@ -244,6 +282,9 @@ def test_quantized_cnn_saves_and_reloads(tmp_path):
     back = load(path)
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
+    # the residual blocks' output quantizers come back (rebuilt from the edit, values from the file)
+    outs = {n: float(m.out_scale) for n, m in back.named_modules() if type(m).__name__ == "OutputQuant"}
+    assert len(outs) == 3 and all(s != 1.0 for s in outs.values())
 
 
 def test_qat_folds_batchnorm_and_reloads(tmp_path):

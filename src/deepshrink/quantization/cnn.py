@@ -20,6 +20,7 @@ from torch import nn
 
 from deepshrink import modeling
 from deepshrink.models.schema import NAME_RE, List, Obj, Str
+from deepshrink.quantization import residual
 from deepshrink.quantization.equalize import EqualizeResult, correct_biases, equalize, input_means
 from deepshrink.quantization.fold import ActInfo, FoldResult, absorb_activations, fold_batchnorm
 
@@ -36,6 +37,7 @@ class CnnPrep:
     equalized: EqualizeResult | None
     activations: dict[str, ActInfo]
     means: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    outputs: list[str] = dataclasses.field(default_factory=list)  # residual blocks with quantized outputs
 
     def clamps(self) -> dict[str, Clamp]:
         return {n: (a.lo, a.hi) for n, a in self.activations.items()}
@@ -47,7 +49,10 @@ class CnnPrep:
         if absorbed:
             gone += [a.module for n, a in self.activations.items() if n in quantized and not a.shared]
         relu = self.equalized.relu6_replaced if self.equalized else []
-        return {"identity": sorted(set(gone)), "relu": sorted(set(relu) - set(gone))}
+        out: dict[str, list[str]] = {"identity": sorted(set(gone)), "relu": sorted(set(relu) - set(gone))}
+        if self.outputs:
+            out["outputs"] = list(self.outputs)
+        return out
 
 
 def prepare(
@@ -73,15 +78,23 @@ def _contains(outer: Clamp, inner: Clamp | None) -> bool:
 
 @torch.no_grad()
 def link_chains(
-    model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any, clamps: dict[str, Clamp]
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    batch: Any,
+    clamps: dict[str, Clamp],
+    blocks: tuple[str, ...] | list[str] = (),
 ) -> dict[str, str]:
-    """consumer layer -> producer layer whose (clamped) output is the consumer's input."""
+    """consumer layer -> producer whose (clamped) output is the consumer's input: a layer, or a
+    block in ``blocks`` (a residual block whose output gets quantized)."""
     ins: dict[str, int] = {}
     outs: dict[int, str] = {}
     back: dict[int, tuple[int, Clamp | None]] = {}  # pass-through module: out id -> (in id, clamp)
     keep: list[torch.Tensor] = []
     hooks = []
     names = {id(m): n for n, m in layers}
+    for b in blocks:
+        hooks.append(model.get_submodule(b).register_forward_hook(
+            _recorder(keep, lambda y, a, n=b: outs.__setitem__(id(y), n))))
     for _name, m in model.named_modules():
         if id(m) in names:
             n = names[id(m)]
@@ -119,7 +132,7 @@ def link_chains(
 
 
 _NAMES = List(Str(pattern=NAME_RE), max_len=1 << 14)
-EDIT_SCHEMA = Obj({}, optional={"identity": _NAMES, "relu": _NAMES})
+EDIT_SCHEMA = Obj({}, optional={"identity": _NAMES, "relu": _NAMES, "outputs": _NAMES})
 
 
 def replay(model: nn.Module, edit: dict[str, Any]) -> None:
@@ -128,6 +141,8 @@ def replay(model: nn.Module, edit: dict[str, Any]) -> None:
         modeling.set_submodule(model, name, nn.Identity())
     for name in edit.get("relu", []):
         modeling.set_submodule(model, name, nn.ReLU())
+    for name in edit.get("outputs", []):
+        residual.attach(model, name)
 
 
 def _recorder(keep: list[torch.Tensor], record: Any) -> Any:
@@ -158,7 +173,7 @@ def finish(
     modules = dict(model.named_modules())
     applied = {}
     for consumer, producer in links.items():
-        c, p = modules.get(consumer), modules.get(producer)
+        c, p = modules.get(consumer), residual.producer_view(modules.get(producer))
         if (
             getattr(c, "mode", None) == "static"
             and getattr(p, "mode", None) == "static"

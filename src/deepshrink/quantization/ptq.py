@@ -29,7 +29,7 @@ from deepshrink.errors import DataError
 from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, output_tensor, set_submodule
 from deepshrink.models import record_edit, register_edit
 from deepshrink.models.schema import CONV_ARGS, Bool, Float, Int, List, Map, Obj, Str
-from deepshrink.quantization import cnn
+from deepshrink.quantization import cnn, residual
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
 from deepshrink.quantization.modules import (
     ACT_GRANULARITIES,
@@ -245,7 +245,10 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     refs = _reference_outputs(model, batches) if cfg.target_cosine is not None else None
     smooth, where, stats = _smooth(model, layers, batches, cfg)
     acts = calibrate(model, layers, batches or [], cfg, smooth, clamps) if cfg.mode == "static" else {}
-    links = cnn.link_chains(model, layers, batches[0], clamps) if prep and batches else {}
+    outputs = _residual_outputs(model, batches, cfg) if prep and batches else {}
+    if prep:
+        prep.outputs = list(outputs)
+    links = cnn.link_chains(model, layers, batches[0], clamps, list(outputs)) if prep and batches else {}
     float_weights = {n: m.weight.detach().clone() for n, m in layers} if prep else {}
     floats = dict(layers)
     granularity = _act_granularity(layers, stats, smooth, cfg)
@@ -261,6 +264,7 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
             q.bias.data.copy_(bias_correction(layer, q.dense_weight(), stats[name].mean / s, s))
             q.reset_cache()
         set_submodule(model, name, q)
+    residual.quantize_outputs(model, outputs)
     ada = None
     if float_model is not None:
         assert batches is not None
@@ -285,6 +289,12 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
         edit["cnn"] = prep.edit(set(metas), absorbed=cfg.target_cosine is None)
     record_edit(model, edit)
     return res
+
+
+def _residual_outputs(model: nn.Module, batches: list[Inputs], cfg: PTQConfig) -> dict[str, ActFakeQuant]:
+    """Calibrated output quantizers of the residual blocks (ONNX Runtime then fuses QLinearAdd)."""
+    names = residual.find_residual_outputs(model, batches[0])
+    return residual.calibrate_outputs(model, names, batches, cfg.act_bits, cfg.act_range, cfg.percentile)
 
 
 def _adaround(model: nn.Module, float_model: nn.Module, names: list[str], batches: list[Inputs],
