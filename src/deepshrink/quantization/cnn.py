@@ -21,7 +21,7 @@ from torch import nn
 from deepshrink import modeling
 from deepshrink.models.schema import NAME_RE, List, Obj, Str
 from deepshrink.quantization import residual
-from deepshrink.quantization.equalize import EqualizeResult, correct_biases, equalize, input_means
+from deepshrink.quantization.equalize import EqualizeResult, correct_biases, equalize
 from deepshrink.quantization.fold import ActInfo, FoldResult, absorb_activations, fold_batchnorm
 
 Clamp = tuple[float, float]
@@ -55,11 +55,8 @@ class CnnPrep:
         return out
 
 
-def prepare(
-    model: nn.Module, batches: list[Any], *, equalize_weights: bool, bias_correction: bool, names: list[str]
-) -> CnnPrep:
-    """Fold BN (and equalize) in place; find the activations to absorb; input means for bias
-    correction (on the float model, before quantization)."""
+def prepare(model: nn.Module, batches: list[Any], *, equalize_weights: bool) -> CnnPrep:
+    """Fold BN (and equalize) in place; find the activations to absorb."""
     folded = fold_batchnorm(model, example_inputs=batches[0])
     eq = None
     if equalize_weights:
@@ -68,8 +65,7 @@ def prepare(
         acts = folded_again.activations
     else:
         acts = folded.activations
-    means = input_means(model, names, batches) if bias_correction else {}
-    return CnnPrep(folded, eq, acts, means)
+    return CnnPrep(folded, eq, acts)
 
 
 def _contains(outer: Clamp, inner: Clamp | None) -> bool:

@@ -184,7 +184,10 @@ def correct_biases(model: nn.Module, float_means: dict[str, torch.Tensor],
         if getattr(layer, "bias", None) is None or not hasattr(layer, "dense_weight"):
             continue
         conv = None if layer.kind == "linear" else layer.conv
-        shift = _mean_out(layer.dense_weight(), mean, conv) - _mean_out(float_weights[n], mean, conv)
+        w_q = layer.dense_weight()
+        if layer.in_mul is not None:  # SmoothQuant kept in the layer: back to the float layer's space
+            w_q = w_q * layer.in_mul[None, :]
+        shift = _mean_out(w_q, mean, conv) - _mean_out(float_weights[n], mean, conv)
         layer.bias.data.sub_(shift.float())
 
 

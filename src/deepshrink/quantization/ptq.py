@@ -31,6 +31,7 @@ from deepshrink.models import record_edit, register_edit
 from deepshrink.models.schema import CONV_ARGS, Bool, Float, Int, List, Map, Obj, Str
 from deepshrink.quantization import cnn, residual
 from deepshrink.quantization.core import GRANULARITIES, QuantSpec, validate_bits
+from deepshrink.quantization.equalize import input_means
 from deepshrink.quantization.modules import (
     ACT_GRANULARITIES,
     MODES,
@@ -238,8 +239,7 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     prep = None
     if cfg.mode == "static" and cfg.fold and batches:
         # fold BN, equalize: the conv modules change in place, so `layers` stays valid
-        prep = cnn.prepare(model, batches, equalize_weights=cfg.equalize,
-                           bias_correction=cfg.bias_correction, names=[n for n, _ in layers])
+        prep = cnn.prepare(model, batches, equalize_weights=cfg.equalize)
     clamps = prep.clamps() if prep else {}
     layer_bits = _layer_bits(model, layers, batches, cfg)
     refs = _reference_outputs(model, batches) if cfg.target_cosine is not None else None
@@ -249,7 +249,11 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     if prep:
         prep.outputs = list(outputs)
     links = cnn.link_chains(model, layers, batches[0], clamps, list(outputs)) if prep and batches else {}
-    float_weights = {n: m.weight.detach().clone() for n, m in layers} if prep else {}
+    float_weights = {n: float_weight(m).clone() for n, m in layers} if prep else {}
+    if prep and cfg.bias_correction and batches:
+        # input means of the float model as it will be quantized (after folding, equalization
+        # and SmoothQuant edits), in the same space as float_weights
+        prep.means = input_means(model, [n for n, _ in layers], batches)
     floats = dict(layers)
     granularity = _act_granularity(layers, stats, smooth, cfg)
     float_model = copy.deepcopy(model) if cfg.adaround and batches and cfg.granularity != "group" else None
