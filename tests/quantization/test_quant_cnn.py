@@ -368,3 +368,31 @@ def test_cnn_bias_correction_helps_a_resnet_with_a_smoothed_head():
         with torch.no_grad():
             errs[bc] = float((q(x) - ref).pow(2).mean() / ref.pow(2).mean())
     assert errs[True] < errs[False] < 1e-3
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="needs the onnx extra")
+def test_a_conv_kept_float_stays_float_in_ort():
+    """A layer the speed plan keeps in float (a depthwise conv between quantized ones) stays a
+    float conv in ORT's optimized graph (exported as FusedConv: a plain Conv between DQ and Q
+    nodes is quantized by ORT itself), every other conv is QLinearConv, and ORT computes what
+    the torch model does."""
+    from deepshrink.quantization import OrtModel
+    from deepshrink.quantization.ort_graph import float_convs, op_counts, optimized_graph
+    from deepshrink.quantization.speed import SpeedPlan
+
+    torch.manual_seed(0)
+    model = _random_bn(create_model("mobilenet_v2", num_classes=5, width_mult=0.35))
+    x = torch.rand(8, 3, 32, 32)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    plan = SpeedPlan([], ["features.1.conv.0.0"], threads=1)
+    cfg = PTQConfig(mode="static", calibration_batches=2, ignore=plan.patterns())
+    q = quantize(copy.deepcopy(model), cfg, calibration=list(x.split(4)))
+    data = export_onnx(q, None, x[:1])
+    graph = optimized_graph(data)
+    floats = float_convs(graph)
+    assert len(floats) == 1 and "features.1/conv/conv.0/conv.0.0" in floats[0]
+    assert op_counts(graph)["QLinearConv"] == n_convs - 1
+    with torch.no_grad():
+        sim = q(x)
+    cos = torch.nn.functional.cosine_similarity(sim.flatten(), OrtModel(data)(x).flatten(), dim=0)
+    assert cos > 0.999

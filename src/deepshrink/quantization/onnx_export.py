@@ -19,6 +19,9 @@ machine without VNNI; see bench/quantization.py):
 * SmoothQuant factors kept in a layer: one ``Mul`` of the input (shared by layers fed the
   same tensor, e.g. query / key / value); factors folded into a norm cost nothing.
 * Conv, static: QDQ around ``Conv`` with a quantized output, which ORT fuses to ``QLinearConv``.
+  A conv left float in such a model (``ignore``, e.g. where int8 does not pay) is exported as
+  ``com.microsoft::FusedConv``, which ORT's QDQ passes leave float (a plain ``Conv`` between
+  DQ and Q nodes would be quantized by ORT itself).
 * Conv, dynamic: ``DynamicQuantizeLinear`` -> ``ConvInteger`` -> rescale.
 * Embedding (``embedding_bits``): ``Gather`` of int8 rows and their scales, then ``Mul``.
 * weight-only: ``DequantizeLinear`` of int8 weights -> float ``MatMul`` / ``Conv`` (ORT's
@@ -32,6 +35,7 @@ the small form). Everything else (normalization, attention maths, pooling) stays
 from __future__ import annotations
 
 import io
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -265,6 +269,52 @@ def _export_tensors(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
             "sm": layer.in_mul.clone() if layer.in_mul is not None else one}
 
 
+class _FloatConvFn(torch.autograd.Function):
+    """A conv kept in float inside a quantized CNN, exported as ``com.microsoft::FusedConv``
+    (no activation): ONNX Runtime's QDQ passes match the op type ``Conv``, so a plain ``Conv``
+    between ``DequantizeLinear`` and ``QuantizeLinear`` would be quantized by ORT itself (its
+    weight/bias quantization turns it into a per-tensor QLinearConv); FusedConv stays float."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, key: int) -> torch.Tensor:
+        c = _ISLANDS[key]
+        return torch.nn.functional.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, w: Any, b: Any, key: int) -> Any:
+        c = _ISLANDS[key]
+        y = g.op("com.microsoft::FusedConv", x, w, b, strides_i=list(c.stride),
+                 pads_i=list(c.padding) * 2, dilations_i=list(c.dilation), group_i=c.groups,
+                 kernel_shape_i=list(c.kernel_size))
+        try:  # the output type, so the exporter's shape inference stays quiet
+            n, _, *sizes = x.type().varyingSizes()
+            dims = zip(sizes, c.padding, c.dilation, c.kernel_size, c.stride, strict=True)
+            out = [None if v is None else (v + 2 * p - d * (k - 1) - 1) // st + 1 for v, p, d, k, st in dims]
+            y.setType(x.type().with_sizes([n, c.out_channels, *out]))
+        except (RuntimeError, AttributeError, TypeError, ValueError):
+            pass
+        return y
+
+
+_ISLANDS: dict[int, nn.Conv2d] = {}
+
+
+def _island_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    key = len(_ISLANDS)
+    _ISLANDS[key] = conv
+    b = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+    return _FloatConvFn.apply(x, conv.weight, b, key)
+
+
+def float_islands(model: nn.Module) -> list[nn.Conv2d]:
+    """The float Conv2d layers of a model that has static quantized convs (see _FloatConvFn)."""
+    if not any(isinstance(m, QuantizedLayer) and m.mode == "static" and m.kind == "conv2d"
+               for m in model.modules()):
+        return []
+    return [m for m in model.modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)]
+
+
 def export_layer(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
     """Called from :meth:`QuantizedLayer.forward` while exporting."""
     key = len(_EXPORTING)
@@ -311,7 +361,10 @@ def export_onnx(model: nn.Module, path: str | Path | None,
     for layer in layers:  # temporary buffers: the tracer turns them into named initializers
         for k, t in _export_tensors(layer).items():
             layer.register_buffer(f"onnx_{k}", t, persistent=False)
-    uses_contrib = any(m.kind == "linear" and m.mode != "weight-only" for m in layers)
+    islands = float_islands(model)
+    for conv in islands:  # exported as FusedConv while this export runs (the instance's forward)
+        conv.forward = types.MethodType(_island_forward, conv)
+    uses_contrib = bool(islands) or any(m.kind == "linear" and m.mode != "weight-only" for m in layers)
     contrib = {"com.microsoft": 1} if uses_contrib else None
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -322,6 +375,9 @@ def export_onnx(model: nn.Module, path: str | Path | None,
     finally:
         _EXPORTING.clear()
         _SHARED.clear()
+        _ISLANDS.clear()
+        for conv in islands:
+            del conv.forward
         for layer in layers:
             for k in _ARGS:
                 delattr(layer, f"onnx_{k}")

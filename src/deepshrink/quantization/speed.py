@@ -11,6 +11,7 @@ speed vs fp32 is then measured end to end (``bench/quantization.py --only cnn``)
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import time
 import warnings
@@ -43,8 +44,8 @@ class SpeedPlan:
     threads: int
 
     def patterns(self) -> tuple[str, ...]:
-        """The layers to keep in float, as patterns for ``PTQConfig``'s layer selection."""
-        return tuple(self.keep_float)
+        """The layers to keep in float, as ``PTQConfig.ignore`` patterns (full-match regexes)."""
+        return tuple(re.escape(n) for n in self.keep_float)
 
     def table(self) -> str:
         rows = [f"{'layer':32s} {'input':>18s} {'groups':>6s} {'fp32 ms':>8s} {'int8 ms':>8s} {'x':>5s}"]
