@@ -1,5 +1,6 @@
-"""AdaRound-lite: learned rounding lowers a layer's output error on the same grid, never moves
-a weight by more than one step from nearest rounding, and runs through PTQ."""
+"""AdaRound: learned rounding lowers a layer's output error on the same grid, never moves a
+weight by more than one step from nearest rounding, and (sequential, through PTQ) lowers the
+model's output error."""
 
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ def test_adaround_lowers_output_error_on_the_same_grid() -> None:
 
 
 def test_adaround_through_ptq_rounds_on_the_same_grid() -> None:
-    """PTQConfig(adaround=True): same scales as nearest rounding, codes at most one step away
-    and some moved, and the quantized model stays as close to the float one (within 1.5x the
-    nearest-rounding error; layers are treated independently, so it is not always lower)."""
+    """PTQConfig(adaround=True) runs sequential AdaRound: same scales as nearest rounding, codes
+    at most one step away and some moved, and the quantized model's output error is clearly
+    lower than with nearest rounding (4-bit weights: 0.25-0.57x over seeds 0-3)."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
@@ -62,4 +63,4 @@ def test_adaround_through_ptq_rounds_on_the_same_grid() -> None:
         assert int(d.max()) <= 1
         moved += int((d > 0).sum())
     assert moved > 0
-    assert errs[True] < 1.5 * errs[False]
+    assert errs[True] < 0.75 * errs[False]
