@@ -249,7 +249,8 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     refs = _reference_outputs(model, batches) if cfg.target_cosine is not None else None
     smooth, where, stats = _smooth(model, layers, batches, cfg)
     acts = calibrate(model, layers, batches or [], cfg, smooth, clamps) if cfg.mode == "static" else {}
-    outputs = _residual_outputs(model, batches, cfg) if prep and batches else {}
+    has_convs = any(isinstance(m, nn.Conv2d) for _, m in layers)
+    outputs = _residual_outputs(model, batches, cfg) if prep and batches and has_convs else {}
     if prep:
         prep.outputs = list(outputs)
     links = cnn.link_chains(model, layers, batches[0], clamps, list(outputs)) if prep and batches else {}

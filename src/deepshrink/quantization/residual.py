@@ -79,8 +79,8 @@ def attach(model: nn.Module, name: str) -> OutputQuant:
 
 
 class _AddWatch(TorchFunctionMode):
-    """Records (output id, time) of every add of two same-shape activations called outside
-    leaf modules."""
+    """Records (output id, time) of every add of two same-shape image activations (N, C, H, W)
+    called outside leaf modules (a transformer's residual stream, 3-D, keeps its float adds)."""
 
     def __init__(self, depth: list[int], clock: list[int], keep: list[torch.Tensor],
                  adds: list[tuple[int, int]]) -> None:
@@ -93,7 +93,7 @@ class _AddWatch(TorchFunctionMode):
         if self.depth[0] == 0 and name in _ADDS and len(args) >= 2 and isinstance(out, torch.Tensor):
             a, b = args[0], args[1]
             if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                    and a.dim() >= 3 and a.is_floating_point()):
+                    and a.dim() == 4 and a.is_floating_point()):
                 self.keep.append(out)
                 self.clock[0] += 1
                 self.adds.append((id(out), self.clock[0]))
