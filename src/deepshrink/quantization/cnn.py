@@ -1,8 +1,10 @@
 """The CNN steps of static PTQ (see :func:`ptq.quantize`): fold BatchNorm, optionally equalize,
-absorb activations, share quantization parameters along conv chains, correct biases.
+absorb activations, quantize residual block outputs (:mod:`residual`), share quantization
+parameters along conv chains, learn the rounding (AdaRound), correct biases.
 
-Sharing: when a conv's input *is* another conv's quantized output (through Identity / Dropout /
-an idempotent ReLU), the consumer reuses the producer's output scale and zero point. Its input
+Sharing: when a conv's input *is* another conv's quantized output, or a residual block's
+quantized output (through Identity / Dropout / an idempotent ReLU), the consumer reuses the
+producer's output scale and zero point. Its input
 QuantizeLinear then repeats the producer's exactly, the exported ``DQ -> Q`` pair is removed
 (:func:`ort_graph.collapse_qdq_pairs`) and ONNX Runtime sees ``QLinearConv -> QLinearConv``
 with no float tensor in between.

@@ -4,8 +4,10 @@
 conv alone in ONNX Runtime as the float ``Conv`` ORT would run and as the ``QLinearConv`` (uint8
 activations, per-channel int8 weights) the quantized export fuses to — interleaved, same threads,
 median of rounds. Layers where int8 is not at least ``min_speedup`` faster are returned in
-:attr:`SpeedPlan.keep_float`, ready for ``PTQConfig``'s ignore/skip patterns; the whole model's
-speed vs fp32 is then measured end to end (``bench/quantization.py --only cnn``).
+:attr:`SpeedPlan.keep_float`; ``PTQConfig(ignore=plan.patterns())`` keeps them float, and the
+ONNX export writes them as ``com.microsoft::FusedConv`` so that ONNX Runtime does not quantize
+them itself. Whether the whole model then runs faster (the layout changes and Q/DQ around a
+float island cost time too) is measured end to end (``bench/quantization.py --only cnn``).
 """
 
 from __future__ import annotations
