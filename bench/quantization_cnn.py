@@ -311,6 +311,14 @@ def cnn_floors(section: dict[str, Any]) -> dict[str, Any]:
             if key in ours:
                 out["mobilenet_v2"][f"{key}>=1.5"] = ours[key] >= 1.5
                 out["mobilenet_v2"][f"{key}>=ORT_quantize_static"] = ours[key] >= ort[key]
+    for case, batches in (("mobilenet_v2", ("b1", "b8")), ("resnet_small", ("b1", "b256"))):
+        v = section.get(case, {}).get("variants", {})
+        if PLAN_VARIANT in v and "ours int8" in v:  # reported, not a floor: is the plan worth it?
+            for b in batches:
+                key = f"speedup_vs_onnx_fp32@{b}"
+                if key in v[PLAN_VARIANT]:
+                    out.setdefault(f"{case}_float_plan", {})[f"faster_than_all_int8@{b}"] = (
+                        v[PLAN_VARIANT][key] > v["ours int8"][key])
     rs = section.get("resnet_small", {}).get("variants", {})
     if "ours int8" in rs:
         ours = rs["ours int8"]
