@@ -20,6 +20,7 @@ from deepshrink.workflow.search import (
     draw_candidates,
     parse_target,
     search,
+    toward_target,
 )
 
 # Tiny but real: 3 size candidates, 2 rungs, one-epoch fine-tunes on digits (>= 90 % pruned
@@ -128,3 +129,19 @@ def test_even_allocation_spares_the_classifier_and_tiny_layers():
     assert r["fc1"] == r["fc2"] > 0.92
     kept = sum((1 - r[n]) * p for n, p in sens["params"].items())
     assert kept == pytest.approx(0.08 * sum(sens["params"].values()), rel=1e-3)
+
+
+def test_promoted_sparsity_moves_toward_the_size_target():
+    sens = {"params": {"fc1": 250_000, "out": 10_000}}
+    # 20,000 B for 21,000 non-zeros at 92 % (200 biases), 1.1 MB original: 55x against a 50x target.
+    trial = {"knob_values": {"sparsity": 0.92, "bits": 3}, "bytes": 20_000, "size_ratio": 55.0,
+             "nonzero": 21_000}
+    cfg = SearchConfig(objective="size", target="50x")
+    moved = toward_target(trial, cfg, sens)
+    assert moved["bits"] == 3 and moved["sparsity"] < 0.92  # room to spare: less pruning
+    predicted = ((1 - moved["sparsity"]) * 260_000 + 200) * 20_000 / 21_000
+    assert predicted * 1.05 <= 1_100_000 / 50 < (predicted + 0.0025 * 260_000) * 1.05  # just fits
+    missed = toward_target({**trial, "bytes": 24_000, "size_ratio": 1_100_000 / 24_000}, cfg, sens)
+    assert missed["sparsity"] > 0.92  # missed the target: more pruning
+    for other in (SearchConfig(objective="size"), SearchConfig(objective="latency", target="2x")):
+        assert toward_target(trial, other, sens) == trial["knob_values"]
