@@ -78,10 +78,10 @@ def run_part(part: str, data: Any, work: Path, ref: dict[str, Any], args: argpar
                        rungs=args.rungs if objective == "size" else 2,
                        target=args.target if objective == "size" else None, epochs_scale=args.epochs_scale)
     w0, c0 = time.perf_counter(), time.process_time()
-    res = search(load(ckpt), data, cfg, work / part, model_file=ckpt,
-                 command=f"python bench/search.py --only {part}")
+    key = part + args.tag
+    res = search(load(ckpt), data, cfg, work / key, model_file=ckpt, command=" ".join(["python", *sys.argv]))
     r = res.results
-    html = RESULTS / ("search-report.html" if part == "lenet300-size" else f"search-report-{part}.html")
+    html = RESULTS / ("search-report.html" if key == "lenet300-size" else f"search-report-{key}.html")
     write_report(r, html)  # and <stem>-pareto.png beside it
     keep = ("trial", "role", "knobs", "bytes", "size_ratio", "macs_ratio", "speedup", "speedup_final",
             "val_top1", "val_drop_pt", "test_top1", "test_drop_pt", "recipe")
@@ -99,7 +99,7 @@ def run_part(part: str, data: Any, work: Path, ref: dict[str, Any], args: argpar
             # The search's own clock over all its sessions (resumed runs included) and any notes
             # the state carries (e.g. a trial run in a parallel process and merged into it).
             "search_clock_seconds": r["seconds"],
-            "state_notes": json.loads((work / part / "search-state.json").read_text()).get("notes", []),
+            "state_notes": json.loads((work / key / "search-state.json").read_text()).get("notes", []),
             "wall_seconds": time.perf_counter() - w0, "cpu_seconds": time.process_time() - c0}
 
 
@@ -157,9 +157,16 @@ def main() -> None:
     ap.add_argument("--rungs", type=int, default=2, help="successive-halving rungs of the size searches")
     ap.add_argument("--eta", type=int, default=3, help="successive halving keeps 1/eta per rung")
     ap.add_argument("--target", default="50x", help="size target of the size searches (the floor)")
+    ap.add_argument("--stretch-model", action="append", choices=("lenet300", "lenet5"),
+                    help="the stretch part's models (default both; others' results are kept)")
+    ap.add_argument("--tag", default="", help="suffix of the part's key and report (e.g. @3x: a run with "
+                    "another budget kept beside the default one)")
     ap.add_argument("--epochs-scale", type=float, default=1.0,
                     help="multiplies every fine-tune's epochs (LeNet-5's budget fits ~14 epochs)")
     args = ap.parse_args()
+    if args.tag and not args.tag.startswith("@"):
+        ap.error("--tag must start with @ (e.g. @3x)")
+    args.stretch_model = args.stretch_model or ["lenet300", "lenet5"]
     torch.set_num_threads(THREADS)
     parts = args.only or [*PARTS, *(["stretch"] if args.stretch else [])]
     ref = hand_tuned()
@@ -184,12 +191,13 @@ def main() -> None:
     for p in parts:
         print(f"== {p}", flush=True)
         if p == "stretch":
-            done["stretch"] = {m: stretch(m, data, args.work) for m in ("lenet300", "lenet5")}
+            previous = (json.loads(prev.read_text()) if prev.exists() else {}).get("stretch", {})
+            done["stretch"] = {**previous, **{m: stretch(m, data, args.work) for m in args.stretch_model}}
         else:
-            done[p] = run_part(p, data, args.work, ref, args)
+            done[p + args.tag] = run_part(p, data, args.work, ref, args)
         # Keep the other parts' results, re-read now: parts may run in parallel processes.
         old = json.loads(prev.read_text()) if args.only and prev.exists() else {}
-        merged = {**{k: v for k, v in old.items() if k in (*PARTS, "stretch")}, **done}
+        merged = {**{k: v for k, v in old.items() if k.split("@")[0] in (*PARTS, "stretch")}, **done}
         cmds = {**old.get("commands", {}), **dict.fromkeys(done, command)}
         write_results("search", {**payload, **merged, "commands": cmds, "summary": summary(merged, ref),
                                  "seconds": time.perf_counter() - t0})

@@ -101,6 +101,11 @@ def test_choose_uses_validation_and_target():
     assert choose(trials, cfg)["trial"] == "b"  # smallest within the drop
     assert choose(trials, dataclasses.replace(cfg, target="1KB"))["trial"] == "a"  # most accurate meeting it
     assert choose(trials, dataclasses.replace(cfg, max_drop=0.1)) is None
+    # The same knobs fine-tuned again at a later rung replace their shorter run, even when the
+    # shorter one measured smaller or faster.
+    rerun = [{**t, "knobs": t["trial"], "rung": 0} for t in trials]
+    rerun.append({**rerun[1], "trial": "b1", "rung": 1, "bytes": 520})
+    assert choose(rerun, cfg)["trial"] == "b1"
 
 
 def test_targets_and_config_errors():

@@ -510,8 +510,16 @@ def _rung(s: _Session, pool: list[dict[str, Any]], rung: int
 
 
 def choose(trials: list[dict[str, Any]], cfg: SearchConfig) -> dict[str, Any] | None:
-    """The chosen trial, from validation numbers only (see the module docstring)."""
-    ok = [t for t in trials if t["status"] == "done" and t["val_drop_pt"] <= cfg.max_drop]
+    """The chosen trial, from validation numbers only (see the module docstring). A candidate
+    fine-tuned again at a later rung supersedes its shorter run: the same architecture timed
+    twice differs only by timing noise, and picking the earlier copy for it would throw away
+    the longer fine-tune."""
+    def key(t: dict[str, Any]) -> str:
+        return t.get("knobs", t["trial"])
+
+    last = {key(t): t.get("rung", 0) for t in sorted(trials, key=lambda t: t.get("rung", 0))}
+    ok = [t for t in trials if t["status"] == "done" and t["val_drop_pt"] <= cfg.max_drop
+          and t.get("rung", 0) == last[key(t)]]
     if cfg.target is not None:
         met = [t for t in ok if _meets_target(t, cfg)]
         if met:
