@@ -120,31 +120,81 @@ def stretch(name: str, data: Any, work: Path) -> dict[str, Any]:
 
 
 def summary(payload: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """Per size search (tagged reruns too): what it chose on validation, and the floor checked
+    both ways: on validation (what the search can see) and on test (read once, afterwards)."""
     out: dict[str, Any] = {}
-    for m in ("lenet300", "lenet5"):
-        part = payload.get(f"{m}-size")
-        if not part:
+    for key, part in payload.items():
+        m = key.split("-")[0]
+        if not key.startswith(f"{m}-size") or m not in ("lenet300", "lenet5") or not part:
             continue
+        hand = {"hand_tuned_ratio": ref[m]["deep_compression"]["ratio"],
+                "hand_tuned_val_drop_pt": ref[m]["deep_compression"]["val_drop_pt"],
+                "hand_tuned_test_drop_pt": ref[m]["deep_compression"]["test_drop_pt"],
+                "budget_cpu_seconds": part["budget_cpu_seconds"], "trials": part["trials"]}
         if not part.get("chosen"):  # nothing met max_drop on validation: say so, and what came closest
             near = [t for t in part["front_size"] if t["size_ratio"] >= 50]
             best = min(near, key=lambda t: t["val_drop_pt"]) if near else None
-            out[m] = {"chosen": None, "floor_50x_at_0.5pt_met": False,
-                      "closest_at_50x_on_val": best and {k: best[k] for k in (
-                          "trial", "size_ratio", "val_drop_pt", "test_drop_pt")},
-                      "hand_tuned_ratio": ref[m]["deep_compression"]["ratio"],
-                      "hand_tuned_test_drop_pt": ref[m]["deep_compression"]["test_drop_pt"]}
+            out[key] = {"chosen": None, "floor_50x_at_0.5pt_met_on_val": False,
+                        "closest_at_50x_on_val": best and {k: best[k] for k in (
+                            "trial", "size_ratio", "val_drop_pt", "test_drop_pt")}, **hand}
             continue
         c = part["chosen"]
-        out[m] = {"search_ratio": c["size_ratio"], "search_test_drop_pt": c["test_drop_pt"],
-                  "hand_tuned_ratio": ref[m]["deep_compression"]["ratio"],
-                  "hand_tuned_test_drop_pt": ref[m]["deep_compression"]["test_drop_pt"],
-                  "floor_50x_at_0.5pt_met": c["size_ratio"] >= 50 and c["test_drop_pt"] <= 0.5}
+        big = c["size_ratio"] >= 50
+        out[key] = {"chosen": c["trial"], "search_ratio": c["size_ratio"],
+                    "search_val_drop_pt": c["val_drop_pt"], "search_test_drop_pt": c["test_drop_pt"], **hand,
+                    "floor_50x_at_0.5pt_met_on_val": big and c["val_drop_pt"] <= 0.5,
+                    "floor_50x_at_0.5pt_met_on_test": big and c["test_drop_pt"] <= 0.5}
+    return out
+
+
+# The hand-tuned LeNet-300 pipeline (bench/pruning.py's schedule, then deep_compression.py's
+# sharing of its sparse model) as one recipe, run on today's code: the same knobs a person chose.
+HAND_RECIPE = {"name": "hand-tuned-lenet300", "stages": [
+    {"stage": "prune", "config": {"type": "UnstructuredConfig", "ratio": 0.925, "scope": "layer",
+                                  "overrides": {"4": 0.9, "6": 0.7}},
+     "rounds": 8, "spacing": "cubic", "finetune": {"epochs": 4, "lr": 1e-3, "keep_best": True},
+     "teacher": {"alpha": 0.5, "temperature": 4.0}},
+    {"stage": "share", "config": {"bits": 3, "conv_bits": 4, "bias_bits": 4},
+     "finetune": {"epochs": 8, "lr": 1e-4, "keep_best": True}, "teacher": {"alpha": 0.7, "temperature": 2.0}},
+    {"stage": "pack", "config": {"entropy": "huffman", "codebook_dtype": "float16"}}]}
+
+
+def reproduce(data: Any, work: Path) -> dict[str, Any]:
+    """Where the hand-tuned 50.1x comes from: (1) deep_compression.py's sharing step from the
+    committed sparse model, with its KD (alpha 0.7, T 2) and with the search's (0.5, T 4);
+    (2) the whole hand-tuned pipeline re-run from the dense baseline as a recipe."""
+    from deepshrink.dsz import PackConfig
+    from deepshrink.sharing import CompressConfig, KMeansConfig, compress
+    from deepshrink.train import TrainConfig
+    from deepshrink.workflow import parse_recipe
+
+    base, sparse = load(RESULTS / "lenet300.safetensors"), load(RESULTS / "lenet300-sparse.safetensors")
+    out: dict[str, Any] = {"sharing_from_committed_sparse": {}}
+    for alpha, temp in ((0.7, 2.0), (0.5, 4.0)):
+        c0 = time.process_time()
+        cfg = CompressConfig(prune=None, sharing=KMeansConfig(bits=3, bias_bits=4),
+                             finetune=TrainConfig(epochs=8, lr=1e-4, batch_size=128, augment="none",
+                                                  keep_best=True, progress=False),
+                             pack=PackConfig(codebook_dtype="float16"), distill_alpha=alpha,
+                             distill_temperature=temp)
+        rows = compress(sparse, data, cfg, None, reference=base).table.rows
+        out["sharing_from_committed_sparse"][f"kd{alpha}-T{temp:g}"] = {
+            "stages": [{k: r[k] for k in ("stage", "bytes", "val_top1", "top1")} for r in rows],
+            "cpu_seconds": time.process_time() - c0}
+    c0 = time.process_time()
+    res = run_recipe(parse_recipe(HAND_RECIPE), base, data, work / "hand-recipe",
+                     model_file=RESULTS / "lenet300.safetensors", latency=False, progress=False)
+    out["hand_recipe_now"] = {"recipe": HAND_RECIPE, "cpu_seconds": time.process_time() - c0,
+                              "stages": [{k: st.get(k) for k in ("label", "bytes", "size_ratio", "val_top1",
+                                                                 "test_top1", "val_drop_pt", "test_drop_pt")}
+                                         for st in res.results["stages"]],
+                              "rounds": res.results["stages"][1]["info"]["rounds"]}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", action="append", choices=[*PARTS, "stretch"])
+    ap.add_argument("--only", action="append", choices=[*PARTS, "stretch", "reproduce"])
     ap.add_argument("--summary-only", action="store_true",
                     help="recompute the summary of bench/results/search.json (no search is run)")
     ap.add_argument("--stretch", action="store_true", help="also run recipes/max-compression.yaml")
@@ -190,14 +240,17 @@ def main() -> None:
     done: dict[str, Any] = {}
     for p in parts:
         print(f"== {p}", flush=True)
-        if p == "stretch":
+        if p == "reproduce":
+            done["reproduce"] = reproduce(data, args.work)
+        elif p == "stretch":
             previous = (json.loads(prev.read_text()) if prev.exists() else {}).get("stretch", {})
             done["stretch"] = {**previous, **{m: stretch(m, data, args.work) for m in args.stretch_model}}
         else:
             done[p + args.tag] = run_part(p, data, args.work, ref, args)
         # Keep the other parts' results, re-read now: parts may run in parallel processes.
         old = json.loads(prev.read_text()) if args.only and prev.exists() else {}
-        merged = {**{k: v for k, v in old.items() if k.split("@")[0] in (*PARTS, "stretch")}, **done}
+        merged = {**{k: v for k, v in old.items() if k.split("@")[0] in (*PARTS, "stretch", "reproduce")},
+                  **done}
         cmds = {**old.get("commands", {}), **dict.fromkeys(done, command)}
         write_results("search", {**payload, **merged, "commands": cmds, "summary": summary(merged, ref),
                                  "seconds": time.perf_counter() - t0})
