@@ -249,14 +249,19 @@ def batch_norm(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> No
     params = [t for t in args[1:5] if isinstance(t, torch.Tensor)]
     params += [kwargs[k] for k in ("running_mean", "running_var", "weight", "bias")
                if isinstance(kwargs.get(k), torch.Tensor)]
-    xm = b.maps_of(x).get(axis)
+    _follow_channels(b, params, b.maps_of(x).get(axis), name)
+    b.set_maps(out, dict(b.maps_of(x)), [x])
+
+
+def _follow_channels(b: Builder, params: list[torch.Tensor], xm: Any, name: str) -> None:
+    """A norm's per-channel parameters go with the channels they normalise (``xm``, the input's
+    channel map), or are fixed when those channels cannot be pruned."""
     for p in params:
         b.role(p, 0, "along")
         if xm is None:
             b.fix(b.maps_of(p)[-1], f"{name} {b.where()} normalises unprunable channels")
         else:
             b.join(xm, b.maps_of(p)[-1])
-    b.set_maps(out, dict(b.maps_of(x)), [x])
 
 
 def _norm_params(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -271,12 +276,7 @@ def layer_norm(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> No
     if len(tuple(shape)) != 1:
         b.fix_all([x, *params], f"{name} {b.where()} over several axes")
         return b.set_maps(out, {}, [x])
-    for p in params:
-        b.role(p, 0, "along")
-        if -1 in xm:
-            b.join(xm[-1], b.maps_of(p)[-1])
-        else:
-            b.fix(b.maps_of(p)[-1], f"{name} {b.where()} normalises unprunable channels")
+    _follow_channels(b, params, xm.get(-1), name)
     if -1 in xm:
         b.mark_hidden(xm[-1], f"normalised over channels by {name} in {b.where()}")
     b.set_maps(out, dict(xm), [x])
@@ -289,12 +289,7 @@ def group_norm(b: Builder, name: str, args: tuple, kwargs: dict, out: Any) -> No
     params = _norm_params(args, kwargs)
     axis = 1 - x.dim()
     xm = b.maps_of(x).get(axis)
-    for p in params:
-        b.role(p, 0, "along")
-        if xm is None:
-            b.fix(b.maps_of(p)[-1], f"GroupNorm {b.where()} normalises unprunable channels")
-        else:
-            b.join(xm, b.maps_of(p)[-1])
+    _follow_channels(b, params, xm, "GroupNorm")
     if xm is not None:
         per = len(xm) // groups
         for j in range(groups):  # statistics are per group: a group goes whole

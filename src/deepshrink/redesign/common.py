@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from deepshrink.errors import FormatError
-from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode
+from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, set_submodule
 from deepshrink.models.schema import Int, Map, Obj, Schema
 
 # Inputs kept per layer for fitting (rows of the batch dimension); enough for a least-squares fit
@@ -142,6 +142,17 @@ def layers_edit_schema(layer: Schema) -> Schema:
     """The schema of an edit whose one field is ``layers`` (``{module path: record}``, each record
     checked by ``layer``): what both redesign edits record."""
     return Obj({"layers": Map(layer, max_len=MAX_LAYERS)})
+
+
+def replay_layers(model: nn.Module, edit: dict[str, Any], kind: str, schema: Schema,
+                  rebuild: Callable[[nn.Module, str, dict[str, Any], str], nn.Module]) -> nn.Module:
+    """Replay a recorded ``layers`` edit: check it against ``schema``, then swap each named layer
+    for ``rebuild(model, name, record, where)`` (which raises FormatError on a mismatch)."""
+    where = f"edit {kind!r}"
+    fields = schema({k: v for k, v in edit.items() if k != "kind"}, where)
+    for name, rec in fields["layers"].items():
+        set_submodule(model, name, rebuild(model, name, rec, f"{where}.layers[{name!r}]"))
+    return model
 
 
 def module_at(model: nn.Module, name: str, want: type, where: str) -> nn.Module:

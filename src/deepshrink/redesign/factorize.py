@@ -20,7 +20,6 @@ from deepshrink.config import (
     check_patterns,
     name_matches,
     override_for,
-    unmatched_patterns,
 )
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import Inputs, set_submodule
@@ -181,7 +180,7 @@ def _try_layer(c: ranks.Candidate, rank: list[int], rec: common.LayerInputs | No
                       energy=lowrank.kept_energy(layer, form, rank))
     if row.params_after >= row.params_before:
         even = f" (break-even rank {lowrank.break_even(layer, form):.1f})" if form != "tucker2" else ""
-        return _skip(row, f"does not pay: rank {rank} needs {row.params_after} >= "
+        return row.skip(f"does not pay: rank {rank} needs {row.params_after} >= "
                           f"{row.params_before} params{even}"), None
     new = lowrank.factorized(layer, form, rank)
     x = _speed_input(layer, rec, config.speed_batch)
@@ -191,19 +190,13 @@ def _try_layer(c: ranks.Candidate, rank: list[int], rec: common.LayerInputs | No
             row.fit_error = common.relative_error(new(xs), layer(xs))
     if config.check_speed:
         if x is None:
-            return _skip(row, "not called on the example inputs, so its speed cannot be measured "
+            return row.skip("not called on the example inputs, so its speed cannot be measured "
                               "(pass example_inputs, or check_speed=False)"), None
         row.speedup = common.speed_ratio(layer, new, x)
         if row.speedup < config.min_speedup:
-            return _skip(row, f"not faster: measured speedup {row.speedup:.2f}x < {config.min_speedup}x "
+            return row.skip(f"not faster: measured speedup {row.speedup:.2f}x < {config.min_speedup}x "
                               f"at batch {config.speed_batch}"), None
     return row, new
-
-
-def _skip(row: LayerReport, reason: str) -> LayerReport:
-    row.action, row.reason = "skipped", reason
-    row.params_after, row.macs_after = row.params_before, row.macs_before
-    return row
 
 
 def _speed_input(layer: nn.Module, rec: common.LayerInputs | None, batch: int) -> torch.Tensor | None:
@@ -232,21 +225,17 @@ def factorize_with_report(model: nn.Module, config: LowRankConfig | None = None,
     edit: dict[str, dict[str, Any]] = {}
     for c in cands:
         row, new = _try_layer(c, chosen[c.name], seen.get(c.name), config) if c.name in chosen else (
-            _skip(LayerReport(c.name, "linear" if c.form == "linear" else "conv2d", "skipped",
-                              params_before=c.layer.weight.numel(), macs_before=c.cost(None, "macs")),
-                  "left whole by the budget search"), None)
+            LayerReport(c.name, "linear" if c.form == "linear" else "conv2d", "skipped",
+                        params_before=c.layer.weight.numel(), macs_before=c.cost(None, "macs")
+                        ).skip("left whole by the budget search"), None)
         rows.append(row)
         if new is not None:
             set_submodule(model, c.name, new)
             edit[c.name] = {"form": c.form, "rank": row.rank, "shape": list(c.layer.weight.shape)}
     if edit:
         record_edit(model, {"kind": EDIT_KIND, "layers": edit})
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    typos = unmatched_patterns(order, [*config.ignore, *config.overrides])
-    if typos:
-        notes.append(f"patterns matching no layer (typo?): {typos}")
-    rows.sort(key=lambda r: order.get(r.name, len(order)))
-    return RedesignReport(model, "low-rank factorization", rows, config.to_dict(), notes)
+    return RedesignReport.finish(model, "low-rank factorization", rows, config,
+                                 [*config.ignore, *config.overrides], notes)
 
 
 def factorize(model: nn.Module, config: LowRankConfig | None = None, *, example_inputs: Any = None,
@@ -280,18 +269,17 @@ def _layer_fields(rec: Any, where: str) -> dict[str, Any]:
 edit_fields = common.layers_edit_schema(_layer_fields)
 
 
+def _rebuild(model: nn.Module, name: str, rec: dict[str, Any], at: str) -> nn.Module:
+    want = nn.Linear if rec["form"] == "linear" else nn.Conv2d
+    layer = common.shaped_module_at(model, name, want, rec["shape"], at)
+    full = lowrank.full_rank(layer, rec["form"])
+    for i, (r, f) in enumerate(zip(rec["rank"], full, strict=True)):
+        if r > f:
+            raise FormatError(f"{at}.rank[{i}]: {r} exceeds the layer's full rank {f}")
+    return lowrank.build(layer, rec["form"], rec["rank"])
+
+
 @register_edit(EDIT_KIND, schema=edit_fields)
 def replay(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild the factorized structure on load (weights come from the file)."""
-    where = f"edit {EDIT_KIND!r}"
-    fields = edit_fields({k: v for k, v in edit.items() if k != "kind"}, where)
-    for name, rec in fields["layers"].items():
-        at = f"{where}.layers[{name!r}]"
-        want = nn.Linear if rec["form"] == "linear" else nn.Conv2d
-        layer = common.shaped_module_at(model, name, want, rec["shape"], at)
-        full = lowrank.full_rank(layer, rec["form"])
-        for i, (r, f) in enumerate(zip(rec["rank"], full, strict=True)):
-            if r > f:
-                raise FormatError(f"{at}.rank[{i}]: {r} exceeds the layer's full rank {f}")
-        set_submodule(model, name, lowrank.build(layer, rec["form"], rec["rank"]))
-    return model
+    return common.replay_layers(model, edit, EDIT_KIND, edit_fields, _rebuild)

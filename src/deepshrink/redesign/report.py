@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from deepshrink.config import unmatched_patterns
 from deepshrink.measure import ResultTable
 
 
@@ -38,6 +39,12 @@ class LayerReport:
     @property
     def rewritten(self) -> bool:
         return self.action != "skipped"
+
+    def skip(self, reason: str) -> LayerReport:
+        """Mark the layer as left whole (its after-counts become its before-counts); returns self."""
+        self.action, self.reason = "skipped", reason
+        self.params_after, self.macs_after = self.params_before, self.macs_before
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +78,18 @@ class RedesignReport:
     def to_dict(self) -> dict[str, Any]:
         return {"transform": self.transform, "config": self.config, "notes": self.notes,
                 "totals": self.totals(), "layers": [r.to_dict() for r in self.layers]}
+
+    @classmethod
+    def finish(cls, model: nn.Module, transform: str, rows: list[LayerReport], config: Any,
+               patterns: list[str], notes: list[str]) -> RedesignReport:
+        """The report of a finished rewrite: rows in module order, and a note naming any of the
+        config's ``patterns`` that matched no layer."""
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        typos = unmatched_patterns(order, patterns)
+        if typos:
+            notes.append(f"patterns matching no layer (typo?): {typos}")
+        rows.sort(key=lambda r: order.get(r.name, len(order)))
+        return cls(model, transform, rows, config.to_dict(), notes)
 
     def table(self) -> ResultTable:
         t = ResultTable(f"{self.transform}: {len(self.rewritten)} layer(s) rewritten, "

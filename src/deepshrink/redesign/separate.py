@@ -22,7 +22,6 @@ from deepshrink.config import (
     check_patterns,
     name_matches,
     override_for,
-    unmatched_patterns,
 )
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.modeling import Inputs, set_submodule
@@ -195,8 +194,7 @@ def separate_with_report(model: nn.Module, config: SeparableConfig | None = None
     for p in plans:
         reason = "not needed to reach the budget" if p.name not in chosen else _pays(p, seen[p.name], config)
         if reason:
-            p.row.action, p.row.reason = "skipped", reason
-            p.row.params_after, p.row.macs_after = p.row.params_before, p.row.macs_before
+            p.row.skip(reason)
         else:
             set_submodule(model, p.name, p.pair)
             edit[p.name] = {"multiplier": p.multiplier, "between": config.between,
@@ -204,12 +202,8 @@ def separate_with_report(model: nn.Module, config: SeparableConfig | None = None
         rows.append(p.row)
     if edit:
         record_edit(model, {"kind": EDIT_KIND, "layers": edit})
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    typos = unmatched_patterns(order, [*config.layers, *config.ignore, *config.overrides])
-    if typos:
-        notes.append(f"patterns matching no layer (typo?): {typos}")
-    rows.sort(key=lambda r: order.get(r.name, len(order)))
-    return RedesignReport(model, "depthwise-separable substitution", rows, config.to_dict(), notes)
+    return RedesignReport.finish(model, "depthwise-separable substitution", rows, config,
+                                 [*config.layers, *config.ignore, *config.overrides], notes)
 
 
 def separate(model: nn.Module, config: SeparableConfig | None = None, *, example_inputs: Any = None,
@@ -231,15 +225,14 @@ _layer_fields = Obj({"multiplier": Int(1, 1 << 16), "between": Str(choices=dwsep
 edit_fields = common.layers_edit_schema(_layer_fields)
 
 
+def _rebuild(model: nn.Module, name: str, rec: dict[str, Any], at: str) -> nn.Module:
+    conv = common.shaped_module_at(model, name, nn.Conv2d, rec["shape"], at)
+    if dwsep.eligible(conv):
+        raise FormatError(f"{at}: layer {name!r} cannot be separable ({dwsep.eligible(conv)})")
+    return dwsep.build(conv, rec["multiplier"], rec["between"])
+
+
 @register_edit(EDIT_KIND, schema=edit_fields)
 def replay(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
     """Rebuild the separable pairs on load (weights come from the file)."""
-    where = f"edit {EDIT_KIND!r}"
-    fields = edit_fields({k: v for k, v in edit.items() if k != "kind"}, where)
-    for name, rec in fields["layers"].items():
-        at = f"{where}.layers[{name!r}]"
-        conv = common.shaped_module_at(model, name, nn.Conv2d, rec["shape"], at)
-        if dwsep.eligible(conv):
-            raise FormatError(f"{at}: layer {name!r} cannot be separable ({dwsep.eligible(conv)})")
-        set_submodule(model, name, dwsep.build(conv, rec["multiplier"], rec["between"]))
-    return model
+    return common.replay_layers(model, edit, EDIT_KIND, edit_fields, _rebuild)
