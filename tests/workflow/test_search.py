@@ -150,3 +150,13 @@ def test_promoted_sparsity_moves_toward_the_size_target():
     assert missed["sparsity"] > 0.92  # missed the target: more pruning
     for other in (SearchConfig(objective="size"), SearchConfig(objective="latency", target="2x")):
         assert toward_target(trial, other, sens) == trial["knob_values"]
+
+
+def test_budget_estimate_scales_with_the_epochs_the_trials_really_run(tmp_path):
+    from deepshrink.workflow.search import SearchState, _estimate
+
+    state = SearchState(tmp_path / "s.json", {"trials": {"a": {"rung": 0, "clock_seconds": 100.0}}})
+    # Rung 0 runs 2 rounds x 1 epoch + 1; the last rung 8 x 4 + 8, or 8 x 1 + 2 at epochs_scale 0.3.
+    assert _estimate(state, 1, SearchConfig(rungs=2)) == pytest.approx(100.0 * 41 / 4)
+    assert _estimate(state, 1, SearchConfig(rungs=2, epochs_scale=0.3)) == pytest.approx(100.0 * 11 / 4)
+    assert _estimate(state, 0, SearchConfig(rungs=2)) == pytest.approx(100.0)

@@ -363,7 +363,7 @@ def _record(s: _Session, knobs: dict[str, Any], rung: int, raw: dict[str, Any],
             "seconds": time.perf_counter() - t0}
 
 
-def _estimate(state: SearchState, rung: int, rungs: int) -> float:
+def _estimate(state: SearchState, rung: int, cfg: SearchConfig) -> float:
     """Expected budget-clock seconds of the next trial at ``rung``: the mean of that rung's
     trials so far, else the previous rung's scaled by the fine-tuning epochs."""
     def mean(r: int) -> float | None:
@@ -372,8 +372,10 @@ def _estimate(state: SearchState, rung: int, rungs: int) -> float:
         return sum(secs) / len(secs) if secs else None
 
     def epochs(r: int) -> int:  # + 1: a trial's fixed costs (packing, measuring) weigh about an epoch
-        rounds, ep, ep2 = rung_budget(r, rungs)
-        return rounds * ep + ep2 + 1
+        # As build_recipe scales them: with epochs_scale 0.3 the last rung runs 8 x 1 + 2 epochs,
+        # not 8 x 4 + 8 (unscaled, the estimate was 3.7x too high and no finalist ever fitted).
+        rounds, ep, ep2 = rung_budget(r, cfg.rungs)
+        return rounds * _epochs(ep, cfg.epochs_scale) + _epochs(ep2, cfg.epochs_scale) + 1
 
     for r in range(rung, -1, -1):
         m = mean(r)
@@ -490,9 +492,9 @@ def _rung(s: _Session, pool: list[dict[str, Any]], rung: int
         # A trial already in the state costs nothing now: resuming replays it, budget or not.
         known = any(t["knobs"] == knob_key(knobs) and t["rung"] == rung for t in trials.values())
         c0 = s.clock.elapsed()
-        reserve = _estimate(s.state, last, cfg.rungs) if rung < last else 0.0
+        reserve = _estimate(s.state, last, cfg) if rung < last else 0.0
         if not known and cfg.time_budget is not None and (
-                c0 + _estimate(s.state, rung, cfg.rungs) + reserve > cfg.time_budget):
+                c0 + _estimate(s.state, rung, cfg) + reserve > cfg.time_budget):
             why = (f"time budget of {cfg.time_budget:.0f} s spent (next trial would not fit"
                    + (f" beside the {reserve:.0f} s kept for the last rung)" if reserve else ")"))
             return records, why, rung == last
