@@ -12,6 +12,8 @@ report per other part. ``--stretch`` also runs the shipped max-compression recip
 
     nice .venv/bin/python bench/search.py                      # ~25 min CPU, one thread
     .venv/bin/python bench/search.py --only lenet300-size      # one part (others' results kept)
+    .venv/bin/python bench/search.py --only lenet5-size --tag @3x --budget-scale 3   # kept beside
+    .venv/bin/python bench/search.py --only reproduce          # the hand-tuned knobs on today's code
 """
 
 from __future__ import annotations

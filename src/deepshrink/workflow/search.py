@@ -13,11 +13,15 @@ techniques, selection on the validation split only.
 3. Successive halving: every candidate runs with a short fine-tune budget; the best 1/``eta``
    by the objective (among those within ``max_drop`` plus a slack that shrinks per rung, on the
    validation split) run again with a longer one, and so on; the last rung gets the hand-tuned
-   Deep Compression schedule. With a time budget, one last-rung trial's estimated cost is kept
-   aside while the earlier rungs run (they are cut short instead), so the finalist is trained.
+   Deep Compression schedule. With a size target, a promoted candidate's pruning ratio first
+   moves so that its file just meets the target (:func:`toward_target`: size is cheap to
+   predict from the trial's own bytes per non-zero weight, accuracy is not). With a time
+   budget, one last-rung trial's estimated cost is kept aside while the earlier rungs run
+   (they are cut short instead), so the finalist is trained.
 4. Selection and report: the Pareto fronts (bytes, latency) over all finished trials on
    validation accuracy; the chosen model meets ``max_drop`` on validation and, with a target,
-   the target (most accurate such model), else is the smallest / fastest. Only then is the test
+   the target (most accurate such model), else is the smallest / fastest; a candidate run again
+   at a later rung replaces its shorter run. Only then is the test
    split read, once, for the chosen and the front models.
 
 State (sensitivity, every finished trial) is written atomically to ``search-state.json`` after
