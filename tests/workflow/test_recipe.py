@@ -158,3 +158,49 @@ def test_qat_stage_runs(digits, digits_model, tmp_path):
     final = res.results["stages"][-1]
     assert final["size_ratio"] > 4 and final["test_top1"] > 0.5
     assert {r["bits"] for r in final["layers"] if len(r["shape"]) == 2} == {4}
+
+
+def test_allocate_key_is_checked_and_spreads_the_ratio_by_rule(digits, digits_model, tmp_path):
+    with pytest.raises(ConfigError, match=r"stage 1 \(prune\): 'allocate' must be one of"):
+        parse_recipe(_recipe({"stage": "prune", "allocate": "flat"}))
+    with pytest.raises(ConfigError, match=r"stage 1 \(prune\): 'allocate' needs an UnstructuredConfig"):
+        parse_recipe(_recipe({"stage": "prune", "config": {"type": "ChannelConfig"}, "allocate": "even"}))
+    model, model_file = digits_model
+    # No layer named: the rule finds the classifier (the last layer) and spares it.
+    raw = _recipe({"stage": "prune", "config": {"ratio": 0.9, "overrides": {"4": 0.5}}, "allocate": "even"})
+    res = run_recipe(parse_recipe(raw), model, digits, tmp_path, model_file=model_file, progress=False,
+                     latency=False, test=False)
+    row = res.results["stages"][1]
+    ratios = row["info"]["allocation"]["ratios"]
+    sparsity = {r["name"]: r["sparsity"] for r in row["layers"]}
+    assert ratios["6"] == pytest.approx(0.7) and sparsity["6"] == pytest.approx(0.7, abs=0.01)
+    assert sparsity["4"] == pytest.approx(0.5, abs=0.01)  # the recipe's own override wins
+    assert sparsity["2"] == pytest.approx(ratios["2"], abs=0.01) and ratios["2"] > 0.9
+
+
+def test_cached_teacher_outputs_train_like_the_teacher_itself(digits, digits_model):
+    from deepshrink.train import TrainConfig, train
+    from deepshrink.workflow.stages import (
+        StageContext,
+        StageSpec,
+        TeacherConfig,
+        teacher_callbacks,
+        with_teacher,
+    )
+
+    model, _ = digits_model
+    spec = StageSpec(stage="prune", config=None, teacher=TeacherConfig(alpha=0.7, temperature=4.0))
+    ctx = StageContext(model, model, digits, Path("."), 1)
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=64, progress=False)
+    data, kd = with_teacher(ctx, spec, cfg)
+    assert len(data.train.tensors) == 3 and kd[0].cached == 2  # the teacher's logits ride along
+    cached = create_model("lenet300", in_size=digits.in_size, num_classes=10)
+    plain = create_model("lenet300", in_size=digits.in_size, num_classes=10)
+    plain.load_state_dict(cached.state_dict())
+    train(cached, data, cfg, callbacks=kd)
+    train(plain, digits, cfg, callbacks=teacher_callbacks(ctx, spec))
+    for a, b in zip(cached.parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    # With augmentation the outputs change every epoch: nothing is cached.
+    data, kd = with_teacher(ctx, spec, TrainConfig(epochs=1, augment="shift", progress=False))
+    assert data is digits and kd[0].cached is None

@@ -20,6 +20,7 @@ from deepshrink.workflow.search import (
     draw_candidates,
     parse_target,
     search,
+    toward_target,
 )
 
 # Tiny but real: 3 size candidates, 2 rungs, one-epoch fine-tunes on digits (>= 90 % pruned
@@ -100,6 +101,11 @@ def test_choose_uses_validation_and_target():
     assert choose(trials, cfg)["trial"] == "b"  # smallest within the drop
     assert choose(trials, dataclasses.replace(cfg, target="1KB"))["trial"] == "a"  # most accurate meeting it
     assert choose(trials, dataclasses.replace(cfg, max_drop=0.1)) is None
+    # The same knobs fine-tuned again at a later rung replace their shorter run, even when the
+    # shorter one measured smaller or faster.
+    rerun = [{**t, "knobs": t["trial"], "rung": 0} for t in trials]
+    rerun.append({**rerun[1], "trial": "b1", "rung": 1, "bytes": 520})
+    assert choose(rerun, cfg)["trial"] == "b1"
 
 
 def test_targets_and_config_errors():
@@ -128,3 +134,29 @@ def test_even_allocation_spares_the_classifier_and_tiny_layers():
     assert r["fc1"] == r["fc2"] > 0.92
     kept = sum((1 - r[n]) * p for n, p in sens["params"].items())
     assert kept == pytest.approx(0.08 * sum(sens["params"].values()), rel=1e-3)
+
+
+def test_promoted_sparsity_moves_toward_the_size_target():
+    sens = {"params": {"fc1": 250_000, "out": 10_000}}
+    # 20,000 B for 21,000 non-zeros at 92 % (200 biases), 1.1 MB original: 55x against a 50x target.
+    trial = {"knob_values": {"sparsity": 0.92, "bits": 3}, "bytes": 20_000, "size_ratio": 55.0,
+             "nonzero": 21_000}
+    cfg = SearchConfig(objective="size", target="50x")
+    moved = toward_target(trial, cfg, sens)
+    assert moved["bits"] == 3 and moved["sparsity"] < 0.92  # room to spare: less pruning
+    predicted = ((1 - moved["sparsity"]) * 260_000 + 200) * 20_000 / 21_000
+    assert predicted * 1.05 <= 1_100_000 / 50 < (predicted + 0.0025 * 260_000) * 1.05  # just fits
+    missed = toward_target({**trial, "bytes": 24_000, "size_ratio": 1_100_000 / 24_000}, cfg, sens)
+    assert missed["sparsity"] > 0.92  # missed the target: more pruning
+    for other in (SearchConfig(objective="size"), SearchConfig(objective="latency", target="2x")):
+        assert toward_target(trial, other, sens) == trial["knob_values"]
+
+
+def test_budget_estimate_scales_with_the_epochs_the_trials_really_run(tmp_path):
+    from deepshrink.workflow.search import SearchState, _estimate
+
+    state = SearchState(tmp_path / "s.json", {"trials": {"a": {"rung": 0, "clock_seconds": 100.0}}})
+    # Rung 0 runs 2 rounds x 1 epoch + 1; the last rung 8 x 4 + 8, or 8 x 1 + 2 at epochs_scale 0.3.
+    assert _estimate(state, 1, SearchConfig(rungs=2)) == pytest.approx(100.0 * 41 / 4)
+    assert _estimate(state, 1, SearchConfig(rungs=2, epochs_scale=0.3)) == pytest.approx(100.0 * 11 / 4)
+    assert _estimate(state, 0, SearchConfig(rungs=2)) == pytest.approx(100.0)

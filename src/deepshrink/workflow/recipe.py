@@ -41,7 +41,9 @@ from deepshrink.data import DataBundle
 from deepshrink.errors import ConfigError
 from deepshrink.fileio import atomic_write_text, scratch_dir
 from deepshrink.measure import count_macs, count_params, file_bytes, layer_stats
+from deepshrink.pruning import UnstructuredConfig
 from deepshrink.train import TrainConfig, evaluate
+from deepshrink.workflow.allocation import ALLOCATIONS
 from deepshrink.workflow.latency import interleaved_latency, latency_summary
 from deepshrink.workflow.stages import (
     StageContext,
@@ -119,13 +121,19 @@ def parse_stage(raw: Any, index: int, recipe: str) -> StageSpec:
     spacing = raw.get("spacing", "geometric")
     if spacing not in ("geometric", "cubic"):
         raise ConfigError(f"{where}: 'spacing' must be 'geometric' or 'cubic', got {spacing!r}")
+    allocate = raw.get("allocate")
+    if allocate is not None and allocate not in ALLOCATIONS:
+        raise ConfigError(f"{where}: 'allocate' must be one of {ALLOCATIONS}, got {allocate!r}")
     ft = _sub_config(TrainConfig, raw.get("finetune"), where, "finetune")
     if ft is not None and "progress" not in raw["finetune"]:
         ft = dataclasses.replace(ft, progress=False)
-    return StageSpec(stage=name, config=_stage_config(kind, raw.get("config"), where),
+    config = _stage_config(kind, raw.get("config"), where)
+    if allocate is not None and not isinstance(config, UnstructuredConfig):
+        raise ConfigError(f"{where}: 'allocate' needs an UnstructuredConfig, got {type(config).__name__}")
+    return StageSpec(stage=name, config=config,
                      label=str(raw.get("label", "")) or name, finetune=ft,
                      teacher=_sub_config(TeacherConfig, raw.get("teacher"), where, "teacher"),
-                     rounds=rounds, spacing=spacing,
+                     rounds=rounds, spacing=spacing, allocate=allocate,
                      student=_sub_config(StudentConfig, raw.get("student"), where, "student"))
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from deepshrink import checkpoint
 from deepshrink.config import Config, check
@@ -45,6 +47,7 @@ from deepshrink.quantization import PTQConfig, QATConfig, convert, prepare_qat, 
 from deepshrink.redesign import LowRankConfig, SeparableConfig, factorize_with_report, separate_with_report
 from deepshrink.sharing import CentroidFineTune, KMeansConfig, round_codebooks, share
 from deepshrink.train import Callback, TrainConfig, TrainState, logits_of, train
+from deepshrink.workflow.allocation import layer_ratios
 
 
 @dataclasses.dataclass
@@ -114,6 +117,7 @@ class StageSpec:
     teacher: TeacherConfig | None = None
     rounds: int = 1  # prune: iterative prune -> fine-tune rounds
     spacing: str = "geometric"  # prune: how the rounds approach the target (geometric | cubic)
+    allocate: str | None = None  # prune: spread config.ratio over the layers by a rule (allocation.py)
     student: StudentConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +129,8 @@ class StageSpec:
         if self.rounds != 1:
             d["rounds"] = self.rounds
             d["spacing"] = self.spacing
+        if self.allocate is not None:
+            d["allocate"] = self.allocate
         if self.student is not None:
             d["student"] = self.student.to_dict()
         return d
@@ -199,26 +205,63 @@ def stage_kind(name: str, where: str) -> StageKind:
 
 # --- fine-tuning helpers ---------------------------------------------------------------------
 
-class _OriginalTeacher(Callback):
-    """Replace the loss by KD against a frozen copy of the original model."""
+# The original's logits are cached as a third train tensor when they fit in this many numbers.
+MAX_CACHED_LOGITS = 1 << 24
 
-    def __init__(self, teacher: nn.Module, cfg: TeacherConfig) -> None:
+
+class _OriginalTeacher(Callback):
+    """Replace the loss by KD against a frozen copy of the original model. ``cached``: the index
+    in each batch of the original's precomputed logits (see :func:`with_teacher`), else None."""
+
+    def __init__(self, teacher: nn.Module, cfg: TeacherConfig, cached: int | None = None) -> None:
         self.teacher = copy.deepcopy(teacher).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.cfg = cfg
+        self.cfg, self.cached = cfg, cached
 
     def on_loss(self, state: TrainState, loss: torch.Tensor) -> torch.Tensor:
         from deepshrink.distill import kd_loss
 
-        with torch.no_grad():
-            t_logits = logits_of(self.teacher(state.batch[0]))
+        if self.cached is not None:
+            t_logits = state.batch[self.cached]
+        else:
+            with torch.no_grad():
+                t_logits = logits_of(self.teacher(state.batch[0]))
         return kd_loss(state.outputs, t_logits, state.batch[1], temperature=self.cfg.temperature,
                        alpha=self.cfg.alpha)["loss"]
 
 
 def teacher_callbacks(ctx: StageContext, spec: StageSpec) -> list[Callback]:
     return [_OriginalTeacher(ctx.original, spec.teacher)] if spec.teacher and spec.teacher.alpha else []
+
+
+def _logits(teacher: nn.Module, x: torch.Tensor, limit: int, chunk: int = 1024) -> torch.Tensor | None:
+    """The teacher's logits for every row of ``x`` (None past ``limit`` numbers in all)."""
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            out.append(logits_of(teacher(x[i:i + chunk])).float())
+            if out[0][0].numel() * len(x) > limit:
+                return None
+    return torch.cat(out)
+
+
+def with_teacher(ctx: StageContext, spec: StageSpec, cfg: TrainConfig) -> tuple[DataBundle, list[Callback]]:
+    """The data to fine-tune on and the KD callbacks. Without augmentation the original's outputs
+    are the same every epoch, so they are computed once per stage and carried beside each train
+    sample (the teacher's forward pass was about a quarter of every step)."""
+    callbacks = teacher_callbacks(ctx, spec)
+    train_set = ctx.data.train
+    if not callbacks or cfg.augment != "none" or not isinstance(train_set, TensorDataset) \
+            or len(train_set.tensors) != 2:
+        return ctx.data, callbacks
+    teacher = callbacks[0]
+    assert isinstance(teacher, _OriginalTeacher)
+    logits = _logits(teacher.teacher, train_set.tensors[0], MAX_CACHED_LOGITS)
+    if logits is None:
+        return ctx.data, callbacks
+    teacher.cached = 2
+    return dataclasses.replace(ctx.data, train=TensorDataset(*train_set.tensors, logits)), callbacks
 
 
 def _train_cfg(ctx: StageContext, spec: StageSpec) -> TrainConfig | None:
@@ -231,7 +274,8 @@ def finetune(ctx: StageContext, spec: StageSpec, model: nn.Module, *extra: Callb
     cfg = _train_cfg(ctx, spec)
     if cfg is None:
         return {}
-    res = train(model, ctx.data, cfg, callbacks=[*extra, *teacher_callbacks(ctx, spec)])
+    data, kd = with_teacher(ctx, spec, cfg)
+    res = train(model, data, cfg, callbacks=[*extra, *kd])
     return {"finetune_best_val_top1": res.best_val_top1, "finetune_steps": res.steps}
 
 
@@ -242,19 +286,26 @@ def _save(ctx: StageContext, spec: StageSpec, model: nn.Module) -> Path:
     return path
 
 
-@register_stage("prune", (UnstructuredConfig, ChannelConfig), ("rounds", "spacing"),
+@register_stage("prune", (UnstructuredConfig, ChannelConfig), ("rounds", "spacing", "allocate"),
                 "unstructured (zeros, compact sparse file) or channel pruning (smaller layers)")
 def prune_stage(ctx: StageContext, spec: StageSpec) -> StageOutput:
     if isinstance(spec.config, ChannelConfig):
         return channels_stage(ctx, spec)
-    model, info = ctx.model, {}
+    model, info, config = ctx.model, {}, spec.config
+    assert isinstance(config, UnstructuredConfig)
+    if spec.allocate is not None:  # per-layer ratios by rule; the recipe's own overrides win
+        ratios = layer_ratios(model, config, spec.allocate, ctx.data)
+        info["allocation"] = {"rule": spec.allocate, "ratios": ratios}
+        config = dataclasses.replace(config, overrides={**{re.escape(n): r for n, r in ratios.items()},
+                                                        **config.overrides})
     cfg = _train_cfg(ctx, spec)
     if cfg is not None:
-        _, records = iterative_prune(model, spec.config, ctx.data, cfg, rounds=spec.rounds,
-                                     spacing=spec.spacing, callbacks=teacher_callbacks(ctx, spec))
+        data, kd = with_teacher(ctx, spec, cfg)
+        _, records = iterative_prune(model, config, data, cfg, rounds=spec.rounds, spacing=spec.spacing,
+                                     callbacks=kd)
         info["rounds"] = [dataclasses.asdict(r) for r in records]
     else:
-        prune(model, spec.config)
+        prune(model, config)
     make_permanent(model)  # the zeros stay; later stages (sharing) keep them at zero
     path = ctx.path(spec, ".safetensors")
     save_sparse(model, path, extra={"stage": spec.to_dict()})
