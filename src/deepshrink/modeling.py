@@ -218,6 +218,19 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+def run_hooked(model: nn.Module, batches: Iterable[Any], hooks: list[Any]) -> None:
+    """Run ``model`` over ``batches`` (each one model input) in eval mode for what the forward
+    ``hooks`` (handles already registered on it) record; the hooks are removed afterwards, also
+    on an error, so a failed calibration never leaves the model instrumented."""
+    try:
+        with eval_mode(model):
+            for x in batches:
+                call(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def forward(model: nn.Module, inputs: Any, *, output: str | None = None, grad: bool = False) -> torch.Tensor:
     """Run ``model`` on ``inputs`` in eval mode (no grad unless asked) and return its output
     tensor (see :func:`output_tensor`)."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepshrink.modeling import call, eval_mode
+from deepshrink.modeling import call, eval_mode, run_hooked
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -37,13 +37,7 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module],
     got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: got[n].append(a[0].detach().clone()))
              for n, m in layers.items()]
-    try:
-        with eval_mode(model):
-            for x in batches:
-                call(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, batches, hooks)
     return {n: torch.cat(v) for n, v in got.items() if v}
 
 

@@ -135,13 +135,7 @@ def input_means(model: nn.Module, names: list[str], batches: list[Any]) -> dict[
 
     for n in names:
         hooks.append(modules[n].register_forward_pre_hook(hook(n)))
-    try:
-        with modeling.eval_mode(model):
-            for x in batches:
-                modeling.call(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
+    modeling.run_hooked(model, batches, hooks)
     return {n: sums[n] / counts[n] for n in sums}
 
 

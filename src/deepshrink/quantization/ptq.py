@@ -26,7 +26,15 @@ from torch import nn
 
 from deepshrink.config import Config, check, check_patterns, name_matches, override_for, warn_unmatched
 from deepshrink.errors import DataError
-from deepshrink.modeling import Inputs, calibration_batches, call, eval_mode, output_tensor, set_submodule
+from deepshrink.modeling import (
+    Inputs,
+    calibration_batches,
+    call,
+    eval_mode,
+    output_tensor,
+    run_hooked,
+    set_submodule,
+)
 from deepshrink.models import record_edit, register_edit
 from deepshrink.models.schema import CONV_ARGS, Bool, Float, Int, List, Map, Obj, Str
 from deepshrink.quantization import cnn, residual
@@ -187,13 +195,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
                 lambda m, args, y, q=a_out, c=c: q.observer.update(clamp_act(y.detach(), c) if c
                                                                    else y.detach())))
         obs[name] = (a_in, a_out)
-    try:
-        with eval_mode(model):
-            for x in batches:
-                call(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, batches, hooks)
     for a_in, a_out in obs.values():
         a_in.freeze()
         if a_out is not None:

@@ -166,13 +166,7 @@ def calibrate_outputs(model: nn.Module, names: list[str], batches: list[Any], bi
     obs = {n: ActFakeQuant(bits, method, pct=pct) for n in names}
     hooks = [model.get_submodule(n).register_forward_hook(
         lambda m, a, y, q=obs[n]: q.observer.update(y.detach())) for n in names]
-    try:
-        with modeling.eval_mode(model):
-            for x in batches:
-                modeling.call(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
+    modeling.run_hooked(model, batches, hooks)
     for q in obs.values():
         q.freeze()
     return obs
