@@ -220,6 +220,8 @@ def test_no_float_conv_in_ort_optimized_graph(name):
     # relu(out + shortcut) in 3 blocks); none is left as a float Add
     assert ops["QLinearAdd"] == {"mobilenet_v2": 10, "resnet_small": 3}[name]
     assert ops["Add"] == 0
+    # the global pool runs on the integers too (no transpose + dequantize of the feature map)
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["GlobalAveragePool"] == 0
     with torch.no_grad():
         sim = q(x)
     ort = OrtModel(data)(x)

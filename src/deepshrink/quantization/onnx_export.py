@@ -383,9 +383,10 @@ def export_onnx(model: nn.Module, path: str | Path | None,
                 delattr(layer, f"onnx_{k}")
     data = buf.getvalue()
     if any(m.mode == "static" and m.meta.get("out_q") for m in layers):
-        from deepshrink.quantization.ort_graph import collapse_qdq_pairs
+        from deepshrink.quantization.ort_graph import collapse_qdq_pairs, quantize_pools
 
         data = collapse_qdq_pairs(data)  # chained convs: drop the exact DQ -> Q repeats
+        data = quantize_pools(data)  # pools on the integers (QLinearGlobalAveragePool)
     if path is not None:
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)

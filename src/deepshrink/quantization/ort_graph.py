@@ -112,6 +112,42 @@ def collapse_qdq_pairs(data: bytes) -> bytes:
     return model.SerializeToString()
 
 
+POOL_OPS = ("GlobalAveragePool", "AveragePool")
+
+
+def quantize_pools(data: bytes) -> bytes:
+    """Give every average pool that reads a per-tensor ``DequantizeLinear(q, s, z)`` the same
+    ``QuantizeLinear -> DequantizeLinear`` (s, z) on its output, so ONNX Runtime runs
+    ``QLinearGlobalAveragePool`` / ``QLinearAveragePool`` on the integers instead of transposing
+    and dequantizing the whole feature map first. An average of values on a grid stays inside
+    its range, so the input's grid serves; the only change is rounding the mean to it."""
+    onnx = _onnx()
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    consts = _consts(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    nodes: list[Any] = []
+    for node in graph.node:
+        nodes.append(node)
+        dq = producer.get(node.input[0]) if node.op_type in POOL_OPS else None
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        if consts.get(dq.input[1], np.zeros(2)).size != 1:
+            continue  # per-channel grids: leave the pool float
+        out = node.output[0]
+        node.output[0] = f"{out}_pooled"
+        q_out = f"{out}_q"
+        nodes.append(onnx.helper.make_node("QuantizeLinear", [node.output[0], dq.input[1], dq.input[2]],
+                                           [q_out], name=f"{node.name or out}_Q"))
+        nodes.append(onnx.helper.make_node("DequantizeLinear", [q_out, dq.input[1], dq.input[2]],
+                                           [out], name=f"{node.name or out}_DQ"))
+    if len(nodes) == len(graph.node):
+        return data
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model.SerializeToString()
+
+
 def _axis(node: Any) -> int:
     for a in node.attribute:
         if a.name == "axis":
