@@ -288,18 +288,30 @@ def quantize_with_report(model: nn.Module, config: PTQConfig | None = None, *,
     res = PTQResult(model, [n for n, _ in layers], [], where, embeddings,
                     per_token=[n for n, g in granularity.items() if g == "token"])
     if refs is not None:
-        assert batches is not None and cfg.target_cosine is not None
-        from deepshrink.quantization.fallback import keep_float_until
+        assert batches is not None
+        _fall_back(res, floats, batches, refs, cfg)
+    _record(model, prep, cfg)
+    return res
 
-        res.kept_float, res.cosine_before_fallback, res.cosine = keep_float_until(
-            model, floats, batches, refs, cfg.target_cosine)
-        res.quantized = [n for n in res.quantized if n not in res.kept_float]
+
+def _fall_back(res: PTQResult, floats: dict[str, nn.Module], batches: list[Inputs],
+               refs: list[torch.Tensor], cfg: PTQConfig) -> None:
+    """``target_cosine``: put layers back to float until the model's output meets it."""
+    from deepshrink.quantization.fallback import keep_float_until
+
+    assert cfg.target_cosine is not None
+    res.kept_float, res.cosine_before_fallback, res.cosine = keep_float_until(
+        res.model, floats, batches, refs, cfg.target_cosine)
+    res.quantized = [n for n in res.quantized if n not in res.kept_float]
+
+
+def _record(model: nn.Module, prep: Any, cfg: PTQConfig) -> None:
+    """Record the quantize edit (every layer's meta, and the CNN preparation) so the file rebuilds."""
     metas = {n: m.meta for n, m in quantized_layers(model).items()}
     edit: dict[str, Any] = {"kind": "quantize", "layers": metas}
     if prep:
         edit["cnn"] = prep.edit(set(metas), absorbed=cfg.target_cosine is None)
     record_edit(model, edit)
-    return res
 
 
 def _residual_outputs(model: nn.Module, batches: list[Inputs], cfg: PTQConfig) -> dict[str, ActFakeQuant]:
