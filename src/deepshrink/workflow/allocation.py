@@ -5,6 +5,7 @@ so a recipe need not name an architecture's layers."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from torch import nn
@@ -28,12 +29,13 @@ def allocate(sens: dict[str, Any], target: float, cap: float = 0.98, step: float
     params = sens["params"]
     total = sum(params[n] for n in names)
     xs = [0.0, *sens["ratios"]]
+    base = sens["baseline_top1"]
+    # each layer's drop curve, made monotone once (the greedy loop below reads it many times)
+    curves = {n: list(itertools.accumulate((max(0.0, base - a) for a in [base, *sens["top1"][n]]), max))
+              for n in names}
 
     def drop(name: str, r: float) -> float:
-        ys, run = [], 0.0
-        for a in [sens["baseline_top1"], *sens["top1"][name]]:
-            run = max(run, sens["baseline_top1"] - a)
-            ys.append(run)
+        ys = curves[name]
         for i in range(1, len(xs)):
             if r <= xs[i]:
                 return ys[i - 1] + (ys[i] - ys[i - 1]) * (r - xs[i - 1]) / (xs[i] - xs[i - 1])
@@ -61,8 +63,8 @@ def allocate_even(sens: dict[str, Any], target: float, cap: float = 0.98) -> dic
     """Han et al.'s pattern as a rule: one ratio for every layer, reaching ``target`` of all
     weights, except the output layer and tiny layers (< 1 % of the weights: a first conv), which
     keep three times the density (92 % overall -> classifier 76 %; Han et al. 2016: 74 %)."""
-    names = list(sens["top1"])
-    params = sens["params"]
+    params = sens["params"]  # only the weight counts are needed, in module order
+    names = list(params)
     total = sum(params[n] for n in names)
     spared = {n for n in names if n == names[-1] or params[n] < 0.01 * total}
     light = max(0.0, 1 - 3 * (1 - target))
@@ -88,4 +90,4 @@ def layer_ratios(model: nn.Module, cfg: UnstructuredConfig, rule: str, data: Dat
         return allocate(sensitivity(model, data), cfg.ratio)
     layers = select_layers(model, cfg)
     params = {n: m.weight.numel() for n, m in layers.items()}
-    return allocate_even({"top1": dict.fromkeys(layers), "params": params}, cfg.ratio)
+    return allocate_even({"params": params}, cfg.ratio)
