@@ -289,6 +289,20 @@ def test_quantized_cnn_saves_and_reloads(tmp_path):
     assert len(outs) == 3 and all(s != 1.0 for s in outs.values())
 
 
+def test_a_quantize_edit_naming_a_missing_residual_output_is_a_deepshrink_error():
+    from deepshrink.errors import DeepShrinkError
+    from deepshrink.models.spec import build, get_spec, parse_spec
+
+    x = torch.rand(8, 1, 28, 28)
+    q = quantize(create_model("resnet_small"), PTQConfig(mode="static", calibration_batches=2),
+                 calibration=list(x.split(4)))
+    spec = get_spec(q).to_dict()
+    edit = next(e for e in spec["edits"] if e["kind"] == "quantize")
+    edit["cnn"]["outputs"] = ["no.such.layer"]  # what a tampered file could say
+    with pytest.raises(DeepShrinkError, match="no.such.layer"):
+        build(parse_spec(spec))
+
+
 def test_qat_folds_batchnorm_and_reloads(tmp_path):
     model = _random_bn(create_model("resnet_small"))
     x = torch.rand(8, 1, 28, 28)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from deepshrink import modeling
+from deepshrink.errors import ModelError
 from deepshrink.quantization.modules import ActFakeQuant, act_fake_quant
 
 ATTR = "ds_output_q"  # the child module name on a block whose output is quantized
@@ -70,7 +71,10 @@ def _quantize_output(mod: nn.Module, args: tuple, y: Any) -> Any:
 
 def attach(model: nn.Module, name: str) -> OutputQuant:
     """Give module ``name`` an (uncalibrated) output quantizer and the hook applying it."""
-    m = model.get_submodule(name)
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:  # a name read from a file that this model does not have
+        raise ModelError(f"the model has no submodule {name!r} to quantize the output of") from None
     q = OutputQuant()
     setattr(m, ATTR, q)
     if _quantize_output not in m._forward_hooks.values():
